@@ -54,8 +54,62 @@ def read_layer_metas(model_dir: str) -> dict[str, LayerMeta]:
     return _strip_legacy_model_prefix(metas)
 
 
+def tensor_names(model_dir: str) -> set[str]:
+    """Names of all tensors of a checkpoint, from its index (or the shard headers)."""
+    index = os.path.join(model_dir, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                return set(json.load(f)["weight_map"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SinqCheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for fname in sorted(os.listdir(model_dir)):
+        if fname.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, fname), framework="pt") as f:
+                names.update(f.keys())
+    return names
+
+
+def check_sidecar_matches_tensors(model_dir: str, metas: dict[str, LayerMeta]) -> None:
+    """Every module with codes has meta and every meta entry has codes."""
+    names = tensor_names(model_dir)
+    coded = {n[: -len(".W_q")] for n in names if n.endswith(".W_q")}
+    if any(n.startswith("model.model.") for n in coded):
+        coded = {n[len("model."):] for n in coded}
+    missing_meta = sorted(coded - set(metas))
+    missing_codes = sorted(set(metas) - coded)
+    where = sidecar_path(model_dir)
+    if missing_meta:
+        raise SinqCheckpointError(
+            f"{where}: inconsistent with the checkpoint: {len(missing_meta)} module(s) have W_q tensors but no "
+            f"meta entry, e.g. '{missing_meta[0]}'"
+        )
+    if missing_codes:
+        raise SinqCheckpointError(
+            f"{where}: inconsistent with the checkpoint: {len(missing_codes)} meta entr(y/ies) have no "
+            f"'<module>.W_q' tensor in the checkpoint, e.g. '{missing_codes[0]}.W_q'"
+        )
+
+
+def json_keys_have_legacy_prefix(model_dir: str) -> bool:
+    """True for reference commit 9a9812f checkpoints, whose names carry one extra ``model.``."""
+    try:
+        with open(sidecar_path(model_dir)) as f:
+            names = list(json.load(f))
+    except (OSError, json.JSONDecodeError, TypeError):
+        return False
+    return _is_legacy_prefixed(names)
+
+
+def _is_legacy_prefixed(names) -> bool:
+    return bool(names) and all(n.startswith("model.model.") or n.startswith("model.lm_head") for n in names)
+
+
 def _strip_legacy_model_prefix(metas: dict[str, LayerMeta]) -> dict[str, LayerMeta]:
     """Checkpoints of reference commit 9a9812f prefixed every name with one extra ``model.``."""
-    if metas and all(n.startswith("model.model.") or n.startswith("model.lm_head") for n in metas):
+    if _is_legacy_prefixed(list(metas)):
         return {n[len("model."):]: m for n, m in metas.items()}
     return metas

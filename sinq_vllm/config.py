@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_layer_metas, resolve_local_dir
+from .checkpoint import check_sidecar_matches_tensors, json_keys_have_legacy_prefix, read_layer_metas, resolve_local_dir
 from .errors import SinqCheckpointError, SinqConfigError
 from .format.layer_meta import LayerMeta
 from .format.packing import SUPPORTED_BITS
@@ -99,7 +99,10 @@ class SinqConfig(QuantizationConfig):
         local = resolve_local_dir(model_name)
         if local is None:
             raise SinqCheckpointError(f"cannot find the SINQ checkpoint folder of '{model_name}' locally")
+        raw_names = json_keys_have_legacy_prefix(local)
         self.layer_metas = read_layer_metas(local)
+        self.legacy_model_prefix = raw_names
+        check_sidecar_matches_tensors(local, self.layer_metas)
         self._check_supported()
         self._check_declared(local)
         logger.info(
