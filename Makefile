@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) demo/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest tests -ra
+	$(VENV)/bin/pytest -ra
 
 clean-env:
 	rm -rf $(VENV)

@@ -15,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("SINQ_AUTO_PATCH", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# LLM.apply_model ships a function to the worker process (memory accounting tests).
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 import pytest  # noqa: E402
 

@@ -14,6 +14,7 @@ import torch
 
 from conftest import vllm_engine
 from reference_dequant import dequantized_model
+from sinq_vllm.memory import sinq_weight_bytes
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a little", "In the beginning"]
 GREEDY_STEPS = 32
@@ -65,17 +66,23 @@ def test_float32_engine_matches_dequantized_transformers(arch, sinq_factory):
     ref_lp, ref_greedy = _reference(ckpt, ids_list, torch.float32)
     with vllm_engine(ckpt, dtype="float32") as llm:
         lp, greedy = _vllm_outputs(llm, ids_list)
+        mem = llm.apply_model(sinq_weight_bytes)[0]
     diff = _max_logprob_diff(ids_list, lp, ref_lp)
+    print(f"{arch}: max |logprob diff| vs dequantized Transformers (fp32) = {diff:.3g}; memory {mem}")
     assert diff < 1e-3, f"max |logprob diff| {diff}"
     assert greedy == ref_greedy
+    # weights stay packed: 4-bit codes + per-group scale/zero ~ 0.28-0.32x of bf16
+    assert mem["sinq_layers"] == 2 * 4  # qkv, o, gate_up, down per layer
+    assert mem["sinq_bytes"] < 0.36 * mem["bf16_equivalent_bytes"], mem
 
 
 def test_bfloat16_engine_close_to_dequantized_transformers(sinq_factory):
     ckpt = sinq_factory("qwen3", nbits=4, group_size=64)
     ids_list = _prompt_ids(ckpt)
     ref_lp, ref_greedy = _reference(ckpt, ids_list, torch.float32)
-    with vllm_engine(ckpt, dtype="bfloat16") as llm:
+    with vllm_engine(ckpt, dtype="bfloat16", quantization="sinq") as llm:
         lp, greedy = _vllm_outputs(llm, ids_list)
     diff = _max_logprob_diff(ids_list, lp, ref_lp)
+    print(f"qwen3 bf16 engine: max |logprob diff| vs dequantized Transformers (fp32) = {diff:.3g}")
     assert diff < 0.15, f"max |logprob diff| {diff}"
     assert all(g[:4] == r[:4] for g, r in zip(greedy, ref_greedy))

@@ -1,0 +1,26 @@
+"""Resident-memory accounting of a loaded vLLM model (run inside the worker via
+``LLM.apply_model``): bytes our SINQ layers hold vs the bf16 weights they replace."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def sinq_weight_bytes(model: nn.Module) -> dict:
+    from .linear_method import SinqLinearMethod
+
+    packed = dense_equiv = layers = 0
+    other = 0
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        own = list(module.parameters(recurse=False))
+        if isinstance(method, SinqLinearMethod) and method.spec is not None:
+            layers += 1
+            spec = method.spec
+            packed += sum(p.numel() * p.element_size() for n, p in module.named_parameters(recurse=False)
+                          if n.startswith("sinq_"))
+            dense_equiv += spec.out_features * spec.in_features * 2
+        else:
+            other += sum(p.numel() * p.element_size() for p in own)
+    return {"sinq_layers": layers, "sinq_bytes": packed, "bf16_equivalent_bytes": dense_equiv,
+            "other_param_bytes": other}
