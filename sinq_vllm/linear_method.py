@@ -18,6 +18,7 @@ from torch import nn
 from .assembly import ShardSlice, assemble, required_keys
 from .errors import SinqCheckpointError
 from .format.layer_meta import LayerMeta
+from .format.packing import packed_dtype
 from .kernels.base import spec_of
 from .kernels.selection import select_backend
 from .vllm_compat import (
@@ -59,7 +60,8 @@ class SinqLinearMethod(LinearMethodBase):
         receivers = nn.Module()
         keys = required_keys(self.metas[0])
         for key in keys:
-            param = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+            # the dtype the checkpoint stores, so vLLM's loaders see no dtype mismatch
+            param = nn.Parameter(torch.empty(0, dtype=_stored_dtype(self.metas[0], key)), requires_grad=False)
             set_weight_attrs(param, {"weight_loader": loader, "sinq_key": key})
             if key == "W_q":
                 layer.register_parameter("W_q", param)
@@ -146,6 +148,12 @@ class SinqLinearMethod(LinearMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         tensors = {k: getattr(layer, _RESIDENT_PREFIX + k) for k in self.resident_keys}
         return self.backend.apply(tensors, self.spec, x, bias)
+
+
+def _stored_dtype(meta: LayerMeta, key: str) -> torch.dtype:
+    if key == "W_q":
+        return packed_dtype(meta.packing)
+    return torch.uint8 if key.endswith(".x") else torch.float16
 
 
 def _shard_ids(layer: nn.Module, count: int) -> list:
