@@ -12,13 +12,20 @@ from typing import Any
 
 import torch
 
-from .checkpoint import check_sidecar_matches_tensors, json_keys_have_legacy_prefix, read_layer_metas, resolve_local_dir
+from .checkpoint import (
+    check_sidecar_matches_tensors,
+    json_keys_have_legacy_prefix,
+    read_layer_metas,
+    resolve_local_dir,
+    tensor_names,
+)
+from .dequantized_head import SinqDequantizedHeadMethod
 from .errors import SinqCheckpointError, SinqConfigError
 from .format.layer_meta import LayerMeta
 from .format.packing import SUPPORTED_BITS
 from .linear_method import SinqLinearMethod
 from .log import get_logger
-from .vllm_compat import LinearBase, QuantizationConfig, UnquantizedLinearMethod
+from .vllm_compat import LinearBase, ParallelLMHead, QuantizationConfig, UnquantizedLinearMethod
 
 logger = get_logger(__name__)
 
@@ -34,15 +41,15 @@ class SinqConfig(QuantizationConfig):
         group_size: int | None = None,
         method: str | None = None,
         modules_to_not_convert: list[str] | None = None,
-        layer_metas: dict[str, LayerMeta] | None = None,
     ):
         super().__init__()
         self.nbits = nbits
         self.group_size = group_size
         self.method = method
         self.modules_to_not_convert = list(modules_to_not_convert or [])
-        self.layer_metas: dict[str, LayerMeta] = dict(layer_metas or {})
+        self.layer_metas: dict[str, LayerMeta] = {}  # filled from the sidecar by maybe_update_config
         self.legacy_model_prefix = False
+        self.bias_names: set[str] | None = None  # "<module>.bias" in the checkpoint; None: unknown
 
     def __repr__(self) -> str:
         return (
@@ -69,9 +76,6 @@ class SinqConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "SinqConfig":
-        if _looks_like_sidecar(config):
-            metas = {n: LayerMeta.from_sidecar(n, e, "quantization config file") for n, e in config.items()}
-            return cls(layer_metas=metas)
         where = "config.json quantization_config"
         qm = config.get("quant_method", QUANT_METHOD)
         if qm != QUANT_METHOD:
@@ -94,15 +98,16 @@ class SinqConfig(QuantizationConfig):
         return cls(nbits, group_size, method, config.get("modules_to_not_convert"))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
-        if self.layer_metas:
-            return
         local = resolve_local_dir(model_name)
         if local is None:
             raise SinqCheckpointError(f"cannot find the SINQ checkpoint folder of '{model_name}' locally")
-        raw_names = json_keys_have_legacy_prefix(local)
+        self.legacy_model_prefix = json_keys_have_legacy_prefix(local)
         self.layer_metas = read_layer_metas(local)
-        self.legacy_model_prefix = raw_names
         check_sidecar_matches_tensors(local, self.layer_metas)
+        names = tensor_names(local)
+        if self.legacy_model_prefix:
+            names = {n[len("model."):] if n.startswith("model.") else n for n in names}
+        self.bias_names = {n for n in names if n.endswith(".bias")}
         self._check_supported()
         self._check_declared(local)
         logger.info(
@@ -122,12 +127,17 @@ class SinqConfig(QuantizationConfig):
                     f"vLLM merges {names} into '{prefix}', but only {quantized} are SINQ-quantized "
                     f"({plain} are not); quantize all of them or none"
                 )
-            return SinqLinearMethod(prefix, metas)
+            has_bias = [f"{n}.bias" in self.bias_names for n in names] if self.bias_names is not None else None
+            return SinqLinearMethod(prefix, metas, has_bias)
+        if isinstance(layer, ParallelLMHead) and prefix in self.layer_metas:
+            return SinqDequantizedHeadMethod(prefix, self.layer_metas[prefix])
         return None
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         renamer = hf_to_vllm_mapper.get_rename_mapper()
         self.layer_metas = {(renamer.map_name(n) or n): m for n, m in self.layer_metas.items()}
+        if self.bias_names is not None:
+            self.bias_names = {(renamer.map_name(n) or n) for n in self.bias_names}
 
     def get_checkpoint_weight_mapper(self):
         mapper = super().get_checkpoint_weight_mapper()
@@ -151,12 +161,6 @@ class SinqConfig(QuantizationConfig):
             listing = "; ".join(f"'{n}': {why}" for n, why in bad[:5])
             more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
             raise SinqCheckpointError(f"this SINQ checkpoint uses options sinq-vllm cannot serve faithfully: {listing}{more}")
-        heads = [n for n in self.layer_metas if n.split(".")[-1] == "lm_head"]
-        if heads:
-            raise SinqCheckpointError(
-                f"'{heads[0]}' is SINQ-quantized; sinq-vllm keeps lm_head unquantized and cannot load it yet "
-                "(quantize with lm_head in modules_to_not_convert)"
-            )
 
     def _check_declared(self, local: str) -> None:
         declared = {m.nbits for m in self.layer_metas.values()}
@@ -165,10 +169,6 @@ class SinqConfig(QuantizationConfig):
                 "%s: config.json says nbits=%s but the sidecar meta has %s; the sidecar is used",
                 local, self.nbits, sorted(declared),
             )
-
-
-def _looks_like_sidecar(config: dict) -> bool:
-    return bool(config) and all(isinstance(v, dict) and "meta" in v for v in config.values())
 
 
 def _summary(metas: dict[str, LayerMeta]) -> str:

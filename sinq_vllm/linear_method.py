@@ -15,28 +15,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .assembly import ShardSlice, assemble, required_keys
+from .assembly import ShardSlice, assemble
 from .errors import SinqCheckpointError
 from .format.layer_meta import LayerMeta
-from .format.packing import packed_dtype
 from .kernels.base import spec_of
 from .kernels.selection import select_backend
+from .log import get_logger
+from .receivers import add_receivers, take_raw
 from .vllm_compat import (
     LinearMethodBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
-    RowParallelLinear,
     ReplicatedLinear,
-    set_weight_attrs,
+    RowParallelLinear,
 )
+
+logger = get_logger(__name__)
 
 _RESIDENT_PREFIX = "sinq_"
 
 
 class SinqLinearMethod(LinearMethodBase):
-    def __init__(self, prefix: str, metas: list[LayerMeta]):
+    def __init__(self, prefix: str, metas: list[LayerMeta], has_bias: list[bool] | None = None):
         self.prefix = prefix
         self.metas = metas
+        self.has_bias = has_bias if has_bias is not None else [True] * len(metas)
         self.backend = None
         self.spec = None
         self.resident_keys: tuple[str, ...] = ()
@@ -54,20 +57,8 @@ class SinqLinearMethod(LinearMethodBase):
     ):
         full_sizes = list(getattr(layer, "output_sizes", None) or [output_size])
         self._check_shapes(layer, full_sizes, input_size, input_size_per_partition)
-        layer.sinq_raw = [dict() for _ in self.metas]
         layer.sinq_partition = (list(output_partition_sizes), input_size_per_partition)
-        loader = self._make_weight_loader(layer)
-        receivers = nn.Module()
-        keys = required_keys(self.metas[0])
-        for key in keys:
-            # the dtype the checkpoint stores, so vLLM's loaders see no dtype mismatch
-            param = nn.Parameter(torch.empty(0, dtype=_stored_dtype(self.metas[0], key)), requires_grad=False)
-            set_weight_attrs(param, {"weight_loader": loader, "sinq_key": key})
-            if key == "W_q":
-                layer.register_parameter("W_q", param)
-            else:
-                _register_nested(receivers, key[len("meta."):], param)
-        layer.register_module("meta", receivers)
+        add_receivers(layer, self.prefix, self.metas, _shard_ids(layer, len(self.metas)))
 
     def _check_shapes(self, layer, full_sizes, input_size, input_per_partition) -> None:
         if len(full_sizes) != len(self.metas):
@@ -96,35 +87,37 @@ class SinqLinearMethod(LinearMethodBase):
                 f"group size {g}; tensor parallel sizes that work: {tp_ok}"
             )
 
-    def _make_weight_loader(self, layer: nn.Module):
-        shard_ids = _shard_ids(layer, len(self.metas))
-
-        def weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id=None):
-            if loaded_shard_id not in shard_ids:
-                raise SinqCheckpointError(
-                    f"layer '{self.prefix}': got {param.sinq_key} for shard {loaded_shard_id!r}, expected one of "
-                    f"{shard_ids} (checkpoints with pre-fused q/k/v or gate/up are not SINQ checkpoints)"
-                )
-            layer.sinq_raw[shard_ids.index(loaded_shard_id)][param.sinq_key] = loaded_weight.detach()
-
-        return weight_loader
-
     # ---- after loading ------------------------------------------------------------------
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if not hasattr(layer, "sinq_raw"):
             return  # already processed (vLLM may call this twice, e.g. on weight reload paths)
         device = layer.W_q.device
         parts = self._rank_parts(layer)
-        weights = assemble(self.metas, layer.sinq_raw, parts, device)
+        weights = assemble(self.metas, take_raw(layer), parts, device)
+        self._zero_biases_the_checkpoint_lacks(layer)
         act_dtype = layer.params_dtype
         self.spec = spec_of(weights)
         self.backend = select_backend(self.spec, act_dtype, device, self.prefix)
         resident = self.backend.prepare(weights)
-        del layer.sinq_raw, layer.sinq_partition, layer.W_q
-        del layer._modules["meta"]
+        del layer.sinq_partition
         for key, tensor in resident.items():
             layer.register_parameter(_RESIDENT_PREFIX + key, nn.Parameter(tensor, requires_grad=False))
         self.resident_keys = tuple(resident)
+
+    def _zero_biases_the_checkpoint_lacks(self, layer: nn.Module) -> None:
+        """Transformers' SinqConfig path saves no biases; its own forward then runs without
+        them, so zero (never leave uninitialised) the bias rows the checkpoint lacks."""
+        bias = getattr(layer, "bias", None)
+        if bias is None or all(self.has_bias):
+            return
+        partition_sizes, _ = layer.sinq_partition
+        row = 0
+        for size, present in zip(partition_sizes, self.has_bias):
+            if not present:
+                bias.data[row : row + size].zero_()
+            row += size
+        missing = [m.name for m, present in zip(self.metas, self.has_bias) if not present]
+        _warn_missing_bias(missing)
 
     def _rank_parts(self, layer: nn.Module) -> list[ShardSlice]:
         partition_sizes, k_local = layer.sinq_partition
@@ -150,12 +143,6 @@ class SinqLinearMethod(LinearMethodBase):
         return self.backend.apply(tensors, self.spec, x, bias)
 
 
-def _stored_dtype(meta: LayerMeta, key: str) -> torch.dtype:
-    if key == "W_q":
-        return packed_dtype(meta.packing)
-    return torch.uint8 if key.endswith(".x") else torch.float16
-
-
 def _shard_ids(layer: nn.Module, count: int) -> list:
     if isinstance(layer, QKVParallelLinear):
         return ["q", "k", "v"][:count]
@@ -164,12 +151,15 @@ def _shard_ids(layer: nn.Module, count: int) -> list:
     return [None]
 
 
-def _register_nested(root: nn.Module, dotted: str, param: nn.Parameter) -> None:
-    """Register ``param`` at ``root.<dotted>``, creating plain submodules on the way."""
-    *path, leaf = dotted.split(".")
-    module = root
-    for part in path:
-        if part not in module._modules:
-            module.register_module(part, nn.Module())
-        module = module._modules[part]
-    module.register_parameter(leaf, param)
+_bias_warned = False
+
+
+def _warn_missing_bias(modules: list[str]) -> None:
+    global _bias_warned
+    if not _bias_warned:
+        _bias_warned = True
+        logger.warning(
+            "SINQ checkpoint has no bias for %s (and maybe other layers) although the model config has "
+            "biases; they are set to zero, as in the model that wrote it (Transformers' SinqConfig path "
+            "drops Linear biases). Re-quantize with `sinq-vllm quantize` to keep them.", ", ".join(modules),
+        )

@@ -26,6 +26,10 @@ from vllm.model_executor.layers.quantization.base_config import (  # noqa: E402
     QuantizationConfig,
     QuantizeMethodBase,
 )
+from vllm.model_executor.layers.vocab_parallel_embedding import (  # noqa: E402
+    ParallelLMHead,
+    UnquantizedEmbeddingMethod,
+)
 from vllm.model_executor.utils import set_weight_attrs  # noqa: E402
 
 __all__ = [
@@ -38,6 +42,8 @@ __all__ = [
     "ReplicatedLinear",
     "RowParallelLinear",
     "UnquantizedLinearMethod",
+    "ParallelLMHead",
+    "UnquantizedEmbeddingMethod",
     "QUANTIZATION_METHODS",
     "register_quantization_config",
     "QuantizationConfig",

@@ -1,0 +1,260 @@
+"""Quantize one nn.Linear weight into the reference checkpoint tensors (sinq-format.md §1, §2.3).
+
+The pipeline mirrors ``Quantizer.quantize`` -> ``tiled_quant_rectangle`` ->
+``quantize_dual_scale_shift`` for 1D tiling and uniform codes:
+
+    W -> fp16 -> column slabs [N, B] -> fp32 -> Sinkhorn -> RTN per slab row
+      -> q, s1 = scale * mu2, t = mu1, z  (fp16) -> quantAux (rtn8) -> planar packing
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SinqConfigError
+from ..format.aux8 import SCALE_TILE, dq8, rtn8
+from ..format.layer_meta import LayerMeta
+from ..format.packing import BITS_TO_PACKING, SUPPORTED_BITS, packed_dtype, pack_planar, planar_rows
+from ..log import get_logger
+from .rtn import heavy_tailed, quantize_rtn
+from .sinkhorn import sinkhorn_log
+
+logger = get_logger(__name__)
+
+METHODS = ("sinq", "rtn")
+MIN_GROUP = 16  # the reference asserts the (possibly halved) tile is at least this
+_SLAB_CHUNK_ELEMS = 1 << 22  # bounds the fp32 temporaries of Sinkhorn to a few 16 MiB buffers
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    tensors: dict[str, torch.Tensor]
+    meta: LayerMeta
+    kurtosis_gated: bool  # a "sinq" layer that the reference gate sent to plain RTN
+
+
+def stored_method(method: str, aux: bool) -> str:
+    """Method string for the sidecar; its substrings are the flags readers test.
+
+    "sinq" is what the reference remaps to "sinq_quantAux"; without aux we store plain
+    "sinq". RTN layers carry no "sinq" substring, so readers know t == 1.
+    """
+    return f"{method}_quantAux" if aux else method
+
+
+def validate_options(nbits: int, group_size: int, method: str) -> None:
+    """Reject options the reference would reject (or silently mis-handle)."""
+    if isinstance(nbits, bool) or not isinstance(nbits, int) or nbits not in SUPPORTED_BITS:
+        raise SinqConfigError(f"nbits={nbits!r} is not supported; choose one of {list(SUPPORTED_BITS)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise SinqConfigError(f"group_size={group_size!r} must be an integer")
+    if group_size < MIN_GROUP or group_size % 8:
+        raise SinqConfigError(
+            f"group_size={group_size} must be a multiple of 8 and at least {MIN_GROUP} (typical: 64 or 128)"
+        )
+    if method not in METHODS:
+        raise SinqConfigError(f"method={method!r} is not supported; choose one of {list(METHODS)}")
+
+
+def _valid_groups(in_features: int) -> list[int]:
+    return [g for g in range(MIN_GROUP, in_features + 1, 8) if in_features % g == 0]
+
+
+def effective_group_size(in_features: int, group_size: int, name: str = "weight") -> int:
+    """The reference tile fallback: halve the group until it divides K, never below 16."""
+    b = group_size
+    while b >= MIN_GROUP and in_features % b:
+        b //= 2
+    if b < MIN_GROUP or in_features % b:
+        hint = _valid_groups(in_features)[:6]
+        raise SinqConfigError(
+            f"layer '{name}': in_features={in_features} is not divisible by group_size={group_size} "
+            f"or any of its halves down to {MIN_GROUP}; "
+            + (f"use --group-size in {hint} or " if hint else "")
+            + f"exclude it with --skip {name}"
+        )
+    return b
+
+
+def _check_aux_rows(name: str, rows: int, group: int) -> None:
+    # The reference's rtn8 views the R scales as [32, R/32] and crashes otherwise; we
+    # fail the same way but say why and what to do.
+    if rows % SCALE_TILE:
+        raise SinqConfigError(
+            f"layer '{name}': quantAux needs out_features*in_features/group ({rows}, group {group}) "
+            f"to be a multiple of {SCALE_TILE}; use --no-aux or exclude it with --skip {name}"
+        )
+
+
+def quantized_layout(
+    out_features: int, in_features: int, nbits: int, group_size: int, aux: bool = True, name: str = "weight"
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype and shape of every tensor :func:`quantize_weight` returns, without quantizing."""
+    g = effective_group_size(in_features, group_size, name)
+    rows = out_features * in_features // g
+    packing = BITS_TO_PACKING[nbits]
+    layout = {
+        "W_q": (packed_dtype(packing), (planar_rows(rows, packing), g)),
+        "meta.scale2": (torch.float16, (1, in_features)),
+    }
+    if aux:
+        _check_aux_rows(name, rows, g)
+        layout.update({
+            "meta.scale.x": (torch.uint8, (SCALE_TILE, rows // SCALE_TILE)),
+            "meta.scale.s": (torch.float16, (1, rows // SCALE_TILE)),
+            "meta.scale.m": (torch.float16, (1, rows // SCALE_TILE)),
+            "meta.zero.x": (torch.uint8, (rows, 1)),
+            "meta.zero.s": (torch.float16, (1, 1)),
+            "meta.zero.m": (torch.float16, (1, 1)),
+        })
+    else:
+        layout.update({"meta.scale": (torch.float16, (rows, 1)), "meta.zero": (torch.float16, (rows, 1))})
+    return layout
+
+
+def _quantize_slabs(
+    slabs: torch.Tensor, nbits: int, use_sinkhorn: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp16 slabs ``[T, N, B]`` -> uint8 codes, fp16 s1 ``[T, N, 1]``, z ``[T, N, 1]``, t ``[T, B]``."""
+    x = slabs.to(torch.float32)
+    if use_sinkhorn:
+        x, mu1, mu2 = sinkhorn_log(x)
+    else:
+        mu1 = x.new_ones(x.shape[0], x.shape[2])
+        mu2 = x.new_ones(x.shape[0], x.shape[1], 1)
+    q, scales, zeros = quantize_rtn(x, nbits)
+    s1 = (scales * mu2).to(torch.float16)
+    # Codes pass through fp16 in the reference; exact for integers <= 255.
+    return q.to(torch.uint8), s1, zeros.to(torch.float16), mu1.to(torch.float16)
+
+
+def _tile_quantize(w16: torch.Tensor, group: int, nbits: int, use_sinkhorn: bool):
+    """Run all column slabs of ``w16`` in chunks; returns codes ``[R, g]``, s, z ``[R, 1]``, t ``[1, K]``."""
+    n, k = w16.shape
+    tiles = k // group
+    slabs = w16.view(n, tiles, group).permute(1, 0, 2)  # [T, N, B]
+    codes = torch.empty((n, tiles, group), dtype=torch.uint8)
+    scale = torch.empty((n, tiles), dtype=torch.float16)
+    zero = torch.empty((n, tiles), dtype=torch.float16)
+    col = torch.empty((tiles, group), dtype=torch.float16)
+    step = max(1, _SLAB_CHUNK_ELEMS // (n * group))
+    for lo in range(0, tiles, step):
+        hi = min(tiles, lo + step)
+        q, s1, z, t = _quantize_slabs(slabs[lo:hi], nbits, use_sinkhorn)
+        codes[:, lo:hi] = q.permute(1, 0, 2)
+        scale[:, lo:hi] = s1[..., 0].T
+        zero[:, lo:hi] = z[..., 0].T
+        col[lo:hi] = t
+    # Group row r = n * T + j: output row major, slab minor (reference permute(1, 0, 2)).
+    return codes.view(n * tiles, group), scale.view(-1, 1), zero.view(-1, 1), col.view(1, k)
+
+
+def _require_finite(name: str, what: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise SinqConfigError(
+            f"layer '{name}': {what} is not finite in fp16 (a weight beyond the fp16 range, or a constant "
+            "group far from zero; the reference would write NaN/inf here); "
+            f"exclude it with --skip {name}"
+        )
+
+
+_ZERO_AUX_WARN = 0.5  # code units; beyond this quantAux moves zeros to another code
+
+
+def _aux_tensors(scale: torch.Tensor, zero: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+    sx, ss, sm = rtn8(scale, SCALE_TILE)
+    # One global (min, step) pair for all zeros of the layer, as the reference does, so a
+    # single outlying zero (a constant group far from 0) coarsens every zero of the layer.
+    zx, zs, zm = rtn8(zero, zero.numel())
+    err = float((dq8(zx, zs, zm, zero.shape).float() - zero.float()).abs().max())
+    if err > _ZERO_AUX_WARN:
+        logger.warning(
+            "layer '%s': 8-bit quantAux moves zero-points by up to %.2f code units (zeros span %g..%g); "
+            "consider --no-aux", name, err, float(zero.min()), float(zero.max()),
+        )
+    return {
+        "meta.scale.x": sx, "meta.scale.s": ss, "meta.scale.m": sm,
+        "meta.zero.x": zx, "meta.zero.s": zs, "meta.zero.m": zm,
+    }
+
+
+def quantize_weight_detailed(
+    W: torch.Tensor,
+    nbits: int,
+    group_size: int,
+    method: str = "sinq",
+    aux: bool = True,
+    name: str = "weight",
+    compute_dtype: torch.dtype | str | None = None,
+) -> QuantizedWeight:
+    """:func:`quantize_weight` plus whether the kurtosis gate fired."""
+    validate_options(nbits, group_size, method)
+    if W.dim() != 2 or not W.is_floating_point():
+        raise SinqConfigError(f"layer '{name}': expected a 2-D float weight, got {tuple(W.shape)} {W.dtype}")
+    n, k = W.shape
+    group = effective_group_size(k, group_size, name)
+    rows = n * k // group
+    if aux:
+        _check_aux_rows(name, rows, group)
+    if group != group_size:
+        # meta["group_size"] keeps the requested size (reference behaviour); readers use W_q.shape[1]
+        logger.info("layer '%s': group size %d -> %d (in_features=%d)", name, group_size, group, k)
+
+    # The reference works on fp16 weights whatever the model dtype (sinq-format.md §1.6).
+    w16 = W.detach().to("cpu", torch.float16).contiguous()
+    gated = method == "sinq" and heavy_tailed(w16)
+    if gated:
+        logger.info("layer '%s': kurtosis > 5, quantized with plain RTN (as the reference)", name)
+    codes, scale, zero, col = _tile_quantize(w16, group, nbits, use_sinkhorn=method == "sinq" and not gated)
+    # An inf/NaN weight (e.g. beyond the fp16 range) reaches every scale and zero of its
+    # group row, so checking these R values covers the N*K weights.
+    _require_finite(name, "a group scale", scale)
+    _require_finite(name, "a zero-point", zero)
+    _require_finite(name, "a column scale", col)
+
+    tensors = {"W_q": pack_planar(codes, nbits), "meta.scale2": col}
+    if aux:
+        tensors.update(_aux_tensors(scale, zero, name))
+    else:
+        tensors.update({"meta.scale": scale, "meta.zero": zero})
+
+    compute_dtype = str(W.dtype if compute_dtype is None else compute_dtype)
+    if not compute_dtype.startswith("torch."):
+        compute_dtype = f"torch.{compute_dtype}"
+    meta = LayerMeta(
+        name=name,
+        nbits=nbits,
+        group_size=group,
+        declared_group_size=group_size,  # the reference keeps the requested size in meta
+        out_features=n,
+        in_features=k,
+        method=stored_method(method, aux),
+        packing=BITS_TO_PACKING[nbits],
+        aux=aux,
+        scale_shape=(rows, 1),
+        zero_shape=(rows, 1),
+        compute_dtype=compute_dtype,
+    )
+    return QuantizedWeight(tensors, meta, gated)
+
+
+def quantize_weight(
+    W: torch.Tensor,
+    nbits: int,
+    group_size: int,
+    method: str = "sinq",
+    aux: bool = True,
+    name: str = "weight",
+    compute_dtype: torch.dtype | str | None = None,
+) -> tuple[dict[str, torch.Tensor], LayerMeta]:
+    """Quantize ``W[N, K]`` (out, in) to the reference SINQ checkpoint tensors.
+
+    Returns the tensors keyed as in the checkpoint without the module prefix (``W_q``,
+    ``meta.scale2``, ``meta.scale.{x,s,m}``, ``meta.zero.{x,s,m}``, or ``meta.scale`` /
+    ``meta.zero`` without aux) and the layer's :class:`LayerMeta`. ``name`` appears in
+    errors and in the meta; ``compute_dtype`` (default: ``W.dtype``) is recorded only.
+    """
+    q = quantize_weight_detailed(W, nbits, group_size, method, aux, name, compute_dtype)
+    return q.tensors, q.meta

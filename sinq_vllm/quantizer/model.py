@@ -1,0 +1,377 @@
+"""Quantize a local Hugging Face safetensors folder into a SINQ checkpoint, streaming.
+
+Which tensors are nn.Linear weights is read off the model skeleton built on the meta
+device (no weights allocated), not guessed from names. Tensors are then read one at a
+time from the source and written straight into pre-planned output shards.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ..errors import SinqCheckpointError, SinqConfigError
+from ..format.layer_meta import INDEX_NAME, SIDECAR_NAME, LayerMeta
+from ..log import get_logger
+from .layer import quantize_weight_detailed, quantized_layout, stored_method, validate_options
+from .writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    Shard,
+    ShardWriter,
+    TensorSpec,
+    parse_size,
+    plan_shards,
+    st_dtype,
+    write_index,
+    write_sidecar,
+)
+
+logger = get_logger(__name__)
+
+# Buffers some checkpoints carry; vLLM recomputes them and the reference loader ignores them.
+_DROPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
+# Non-weight files a served model needs (tokenizer, chat template, generation defaults, licence).
+_COPIED_FILES = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
+    "*.tiktoken", "spiece.model", "tokenizer.model", "generation_config.json",
+    "chat_template*", "preprocessor_config.json", "LICENSE*", "NOTICE*",
+)
+# Output files a previous run may have left; only these are removed by overwrite=True.
+_OUTPUT_GLOBS = ("model-*-of-*.safetensors", INDEX_NAME, SIDECAR_NAME)
+_FLOAT_ST = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass
+class QuantizeSummary:
+    out_dir: str
+    nbits: int
+    group_size: int
+    method: str
+    aux: bool
+    quantized: list[str] = field(default_factory=list)  # module names
+    not_converted: list[str] = field(default_factory=list)  # Linear modules kept in full precision
+    kurtosis_gated: list[str] = field(default_factory=list)  # "sinq" layers the gate sent to RTN
+    copied: int = 0  # tensors copied unchanged
+    dropped: list[str] = field(default_factory=list)  # tensor keys left out (tied lm_head, buffers)
+    shards: list[str] = field(default_factory=list)
+    total_size: int = 0
+    source_size: int = 0
+    quantize_seconds: float = 0.0  # time inside quantize_weight only
+    seconds: float = 0.0  # wall time of the whole run
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One source tensor and what becomes of it."""
+
+    key: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    module: str | None = None  # set when the tensor is a Linear weight we quantize
+
+
+# ---------------------------------------------------------------------------------------------
+# Source discovery
+
+
+def _check_dirs(src: Path, out: Path) -> None:
+    if not src.is_dir():
+        raise SinqConfigError(f"source folder {str(src)!r} does not exist")
+    if not (src / "config.json").is_file():
+        raise SinqConfigError(f"source folder {str(src)!r} has no config.json (expected a Hugging Face model folder)")
+    if out.resolve() == src.resolve():
+        raise SinqConfigError("OUT_DIR must differ from SRC_DIR: the source would be overwritten")
+    if out.exists() and not out.is_dir():
+        raise SinqConfigError(f"output path {str(out)!r} exists and is not a folder")
+
+
+def source_weight_map(src: Path) -> dict[str, str]:
+    """``{tensor key: file name}`` of a single-file or sharded safetensors folder."""
+    index = src / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise SinqCheckpointError(f"{index}: not a safetensors index ({e})") from None
+        missing = sorted({f for f in weight_map.values() if not (src / f).is_file()})
+        if missing:
+            raise SinqCheckpointError(f"{index}: shard(s) {missing[:3]} listed but missing")
+        return dict(weight_map)
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        other = [p.name for p in src.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
+        hint = f" (found {other[:3]}: convert them to safetensors first)" if other else ""
+        raise SinqCheckpointError(f"no *.safetensors weights in {str(src)!r}{hint}")
+    weight_map: dict[str, str] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                weight_map[key] = path.name
+    return weight_map
+
+
+def _read_config_json(src: Path) -> dict:
+    try:
+        cfg = json.loads((src / "config.json").read_text())
+    except ValueError as e:
+        raise SinqConfigError(f"{src / 'config.json'}: invalid JSON ({e})") from None
+    if "quantization_config" in cfg:
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise SinqConfigError(f"{str(src)!r} is already quantized (quant_method={method!r}); start from the full-precision model")
+    return cfg
+
+
+@dataclass(frozen=True)
+class _Skeleton:
+    linears: dict[str, tuple[int, int]]  # module name -> (out_features, in_features)
+    output_module: str | None  # lm_head-like module, never quantized
+    tied_output: bool  # output embeddings share the input embedding weight
+
+
+def _module_name(model: torch.nn.Module, target: torch.nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is target), None)
+
+
+def model_skeleton(src: Path) -> _Skeleton:
+    """Linear modules of the model, from its architecture built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(src))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError, ImportError) as e:
+        raise SinqConfigError(f"cannot build the model architecture of {str(src)!r} with Transformers: {e}") from None
+    out_mod = model.get_output_embeddings()
+    in_mod = model.get_input_embeddings()
+    tied = bool(
+        out_mod is not None and in_mod is not None and getattr(out_mod, "weight", None) is getattr(in_mod, "weight", 0)
+    )
+    linears = {
+        name: (mod.out_features, mod.in_features)
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+    }
+    return _Skeleton(linears, _module_name(model, out_mod), tied)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def _natural_key(key: str):
+    # layers.10 after layers.9, so shards follow the model's order
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
+def matches_skip(name: str, patterns) -> bool:
+    """``--skip`` semantics: an fnmatch pattern on the module name, or a substring of it."""
+    return any(fnmatch.fnmatchcase(name, p) or p in name for p in patterns)
+
+
+def _tensor_meta(handle, key: str) -> tuple[str, tuple[int, ...]]:
+    sl = handle.get_slice(key)
+    return sl.get_dtype(), tuple(sl.get_shape())
+
+
+def _classify(key, dtype, shape, skel: _Skeleton, skip, summary: QuantizeSummary) -> str | None:
+    """"drop", "copy" or the module name to quantize."""
+    if key.endswith(_DROPPED_SUFFIXES):
+        return "drop"
+    module, _, leaf = key.rpartition(".")
+    if skel.output_module is not None and module == skel.output_module:
+        if skel.tied_output and leaf == "weight":
+            return "drop"  # re-tied at load, as in the reference's checkpoints
+        return "copy"
+    if leaf != "weight" or module not in skel.linears:
+        return "copy"
+    if matches_skip(module, skip):
+        summary.not_converted.append(module)
+        return "copy"
+    out_f, in_f = skel.linears[module]
+    if shape != (out_f, in_f):
+        raise SinqCheckpointError(f"tensor {key!r} has shape {list(shape)}, the model expects [{out_f}, {in_f}]")
+    if dtype not in _FLOAT_ST:
+        raise SinqCheckpointError(f"tensor {key!r} has dtype {dtype}; only float weights can be quantized")
+    return module
+
+
+def _plan_items(handles, weight_map, skel, skip, summary) -> list[_Item]:
+    items = []
+    for key in sorted(weight_map, key=_natural_key):
+        if key.endswith(".W_q"):
+            raise SinqCheckpointError(f"source already holds SINQ tensors ({key!r}); start from the full-precision model")
+        dtype, shape = _tensor_meta(handles[weight_map[key]], key)
+        what = _classify(key, dtype, shape, skel, skip, summary)
+        if what == "drop":
+            summary.dropped.append(key)
+        elif what == "copy":
+            items.append(_Item(key, weight_map[key], dtype, shape))
+        else:
+            items.append(_Item(key, weight_map[key], dtype, shape, module=what))
+    return items
+
+
+def _check_coverage(items: list[_Item], skel: _Skeleton, skip, summary: QuantizeSummary) -> None:
+    quantized = {it.module for it in items if it.module}
+    if not quantized and not summary.not_converted:
+        raise SinqCheckpointError(
+            "no checkpoint tensor matches a Linear weight of the model architecture "
+            f"(expected keys like {next(iter(skel.linears), '?')}.weight)"
+        )
+    present = {it.key for it in items}
+    absent = [m for m in skel.linears if m != skel.output_module and f"{m}.weight" not in present]
+    if absent:
+        # e.g. weights the checkpoint names differently from the Transformers modules
+        logger.warning("%d Linear module(s) have no weight in the checkpoint and stay as they are, e.g. %s",
+                       len(absent), absent[:3])
+    unused = [p for p in skip if not any(matches_skip(m, [p]) for m in skel.linears)]
+    if unused:
+        logger.warning("--skip pattern(s) %s match no Linear module", unused)
+    if skel.output_module and not skel.tied_output:
+        if not any(it.key == f"{skel.output_module}.weight" for it in items):
+            logger.warning("untied %s.weight is missing from the source checkpoint", skel.output_module)
+
+
+def _specs_for(item: _Item, nbits: int, group_size: int, aux: bool) -> list[TensorSpec]:
+    if item.module is None:
+        return [TensorSpec(item.key, item.dtype, item.shape)]
+    out_f, in_f = item.shape
+    layout = quantized_layout(out_f, in_f, nbits, group_size, aux, item.module)
+    return [TensorSpec(f"{item.module}.{k}", st_dtype(dt), shape) for k, (dt, shape) in layout.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [p for g in _OUTPUT_GLOBS for p in out.glob(g)]
+    if stale and not overwrite:
+        raise SinqConfigError(
+            f"{str(out)!r} already holds a checkpoint ({stale[0].name}, ...); pass --overwrite or choose an empty folder"
+        )
+    for p in stale:
+        p.unlink()
+
+
+def quantization_config(nbits, group_size, method, aux, not_converted) -> dict:
+    """``config.json`` entry: Transformers' SinqConfig fields plus ``aux``."""
+    return {
+        "quant_method": "sinq",
+        "nbits": nbits,
+        "group_size": group_size,
+        "tiling_mode": "1D",
+        "method": method,
+        "modules_to_not_convert": not_converted,
+        "aux": aux,
+    }
+
+
+def _copy_side_files(src: Path, out: Path) -> list[str]:
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.is_file() and any(fnmatch.fnmatchcase(p.name, g) for g in _COPIED_FILES):
+            shutil.copy2(p, out / p.name)
+            copied.append(p.name)
+    return copied
+
+
+def _write_shard(out: Path, shard: Shard, handles, opts, summary, metas, bar) -> None:
+    nbits, group_size, method, aux = opts
+    with ShardWriter(out / shard.filename, shard.specs, metadata={"format": "pt"}) as writer:
+        for item in shard.items:
+            tensor = handles[item.file].get_tensor(item.key)
+            if item.module is None:
+                writer.write(item.key, tensor)
+                summary.copied += 1
+            else:
+                t0 = time.perf_counter()
+                q = quantize_weight_detailed(tensor, nbits, group_size, method, aux, name=item.module)
+                summary.quantize_seconds += time.perf_counter() - t0
+                for k, v in q.tensors.items():
+                    writer.write(f"{item.module}.{k}", v)
+                metas.append(q.meta)
+                summary.quantized.append(item.module)
+                if q.kurtosis_gated:
+                    summary.kurtosis_gated.append(item.module)
+            del tensor
+            bar.update(1)
+
+
+def quantize_model(
+    src_dir,
+    out_dir,
+    nbits: int = 4,
+    group_size: int = 64,
+    method: str = "sinq",
+    aux: bool = True,
+    skip=(),
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> QuantizeSummary:
+    """Quantize every nn.Linear of a local HF safetensors model except the output head.
+
+    Writes the reference SINQ layout (shards, index, sidecar) plus a ``config.json``
+    carrying ``quantization_config``, and copies tokenizer and generation files.
+    Modules whose name matches a ``skip`` pattern (fnmatch or substring) stay in full
+    precision. Everything is validated before the first byte is written.
+    """
+    t_start = time.perf_counter()
+    validate_options(nbits, group_size, method)
+    skip = list(skip or ())
+    src, out = Path(src_dir), Path(out_dir)
+    _check_dirs(src, out)
+    config = _read_config_json(src)
+    weight_map = source_weight_map(src)
+    skel = model_skeleton(src)
+    summary = QuantizeSummary(str(out), nbits, group_size, method, aux)
+
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(src / f, framework="pt")) for f in sorted(set(weight_map.values()))}
+        items = _plan_items(handles, weight_map, skel, skip, summary)
+        _check_coverage(items, skel, skip, summary)
+        shards = plan_shards(items, lambda it: _specs_for(it, nbits, group_size, aux), parse_size(max_shard_size))
+        summary.source_size = sum(TensorSpec(it.key, it.dtype, it.shape).nbytes for it in items)
+        _prepare_out_dir(out, overwrite)
+
+        metas: list[LayerMeta] = []
+        opts = (nbits, group_size, method, aux)
+        desc = f"SINQ {method} {nbits}-bit g{group_size}"
+        with tqdm(total=len(items), desc=desc, unit="tensor", disable=not progress) as bar:
+            for shard in shards:
+                _write_shard(out, shard, handles, opts, summary, metas, bar)
+
+    write_sidecar(out, metas)
+    write_index(out, shards)
+    head = [skel.output_module] if skel.output_module else []
+    config["quantization_config"] = quantization_config(
+        nbits, group_size, method, aux, head + sorted(set(summary.not_converted))
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _copy_side_files(src, out)
+
+    summary.shards = [s.filename for s in shards]
+    summary.total_size = sum(s.nbytes for s in shards)
+    summary.seconds = time.perf_counter() - t_start
+    logger.info(
+        "quantized %d Linear layers (%s, stored method %r) into %d shard(s), %.1f MB -> %.1f MB in %.1fs",
+        len(summary.quantized), method, stored_method(method, aux), len(shards),
+        summary.source_size / 1e6, summary.total_size / 1e6, summary.seconds,
+    )
+    return summary
