@@ -55,7 +55,7 @@ class SinqLinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ):
-        full_sizes = list(getattr(layer, "output_sizes", None) or [output_size])
+        full_sizes = _checkpoint_out_sizes(layer, output_size)
         self._check_shapes(layer, full_sizes, input_size, input_size_per_partition)
         layer.sinq_partition = (list(output_partition_sizes), input_size_per_partition)
         add_receivers(layer, self.prefix, self.metas, _shard_ids(layer, len(self.metas)))
@@ -141,6 +141,15 @@ class SinqLinearMethod(LinearMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         tensors = {k: getattr(layer, _RESIDENT_PREFIX + k) for k in self.resident_keys}
         return self.backend.apply(tensors, self.spec, x, bias)
+
+
+def _checkpoint_out_sizes(layer: nn.Module, output_size: int) -> list[int]:
+    """Rows of each checkpoint module the layer merges. vLLM's QKV ``output_sizes`` count
+    replicated KV heads once per rank when tp > num_kv_heads; the checkpoint has each once."""
+    if isinstance(layer, QKVParallelLinear):
+        kv = layer.total_num_kv_heads
+        return [layer.total_num_heads * layer.head_size, kv * layer.head_size, kv * layer.v_head_size]
+    return list(getattr(layer, "output_sizes", None) or [output_size])
 
 
 def _shard_ids(layer: nn.Module, count: int) -> list:
