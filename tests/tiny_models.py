@@ -44,7 +44,7 @@ __all__ = [
     "make_tiny_model",
 ]
 
-ARCHS = ("llama", "qwen3", "qwen2")
+ARCHS = ("llama", "qwen3", "qwen2", "mistral", "gemma3")
 
 #: Special tokens, in id order (0..4).
 SPECIAL_TOKENS = ("<|endoftext|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
@@ -166,7 +166,7 @@ def make_tokenizer(tokenizer_dir: str | os.PathLike, vocab_size: int = 512) -> P
 
 def tiny_config(arch: str, vocab_size: int, **overrides):
     """The Transformers config of a tiny model (see :func:`make_tiny_model`)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
@@ -190,6 +190,16 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         # Qwen2 derives head_dim = hidden_size // num_attention_heads; q/k/v always have biases.
         cls = Qwen2Config
         common.update(use_sliding_window=False)
+    elif arch == "mistral":
+        cls = MistralConfig
+        common.update(head_dim=32, sliding_window=None)
+    elif arch == "gemma3":
+        # Gemma3: GeLU-tanh MLP, q/k norms, one sliding and one full attention layer, tied head.
+        cls = Gemma3TextConfig
+        common.pop("hidden_act")
+        common.update(head_dim=32, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=32,
+                      sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                      tie_word_embeddings=True)
     else:
         cls = LlamaConfig if arch == "llama" else Qwen3Config
         common.update(head_dim=32)
@@ -198,7 +208,8 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
     common.update(overrides)
     cfg = cls(**common)
     cfg.architectures = [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                          "qwen2": "Qwen2ForCausalLM"}[arch]]
+                          "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                          "gemma3": "Gemma3ForCausalLM"}[arch]]
     return cfg
 
 
