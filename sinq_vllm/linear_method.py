@@ -18,7 +18,7 @@ from torch import nn
 from .assembly import ShardSlice, assemble
 from .errors import SinqCheckpointError
 from .format.layer_meta import LayerMeta
-from .kernels.base import spec_of
+from .kernels.base import SinqWeights, spec_of
 from .kernels.selection import select_backend
 from .log import get_logger
 from .receivers import add_receivers, take_raw
@@ -95,11 +95,14 @@ class SinqLinearMethod(LinearMethodBase):
         parts = self._rank_parts(layer)
         weights = assemble(self.metas, take_raw(layer), parts, device)
         self._zero_biases_the_checkpoint_lacks(layer)
-        act_dtype = layer.params_dtype
-        self.spec = spec_of(weights)
-        self.backend = select_backend(self.spec, act_dtype, device, self.prefix)
-        resident = self.backend.prepare(weights)
         del layer.sinq_partition
+        self.install(layer, weights)
+
+    def install(self, layer: nn.Module, weights: SinqWeights) -> None:
+        """Pick the kernel backend for this layer and keep its packed, resident layout."""
+        self.spec = spec_of(weights)
+        self.backend = select_backend(self.spec, layer.params_dtype, weights.codes.device, self.prefix)
+        resident = self.backend.prepare(weights)
         for key, tensor in resident.items():
             layer.register_parameter(_RESIDENT_PREFIX + key, nn.Parameter(tensor, requires_grad=False))
         self.resident_keys = tuple(resident)

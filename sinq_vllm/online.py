@@ -1,0 +1,134 @@
+"""Online quantization: serve a plain bf16/fp16 checkpoint, quantizing it with SINQ while
+vLLM loads it (no offline step).
+
+Opt in with ``SINQ_VLLM_ONLINE`` (``1`` for the defaults, or ``nbits=4,group_size=64,
+method=sinq,aux=0``) or with ``--hf-overrides '{"quantization_config": {"quant_method":
+"sinq", "online": true, "nbits": 4, "group_size": 64}}'``. Each rank quantizes the weight
+slice it holds, shard by shard for merged layers: row-parallel slices give the same groups
+as offline quantization; column-parallel slices run Sinkhorn over their own rows, a valid
+SINQ quantization of that slice. quantAux is off by default here: it exists to shrink
+files, and in memory our kernels keep fp16 scales and zeros either way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .assembly import ShardSlice, decode_shard
+from .errors import SinqConfigError
+from .format.packing import SUPPORTED_BITS
+from .kernels.base import SinqWeights
+from .linear_method import SinqLinearMethod
+from .log import get_logger
+from .vllm_compat import UnquantizedLinearMethod
+
+logger = get_logger(__name__)
+
+ENV_VAR = "SINQ_VLLM_ONLINE"
+_METHODS = ("sinq", "rtn")
+
+
+@dataclass(frozen=True)
+class OnlineOptions:
+    nbits: int = 4
+    group_size: int = 64
+    method: str = "sinq"
+    aux: bool = False
+
+    def __post_init__(self):
+        if self.nbits not in SUPPORTED_BITS:
+            raise SinqConfigError(f"online SINQ: nbits={self.nbits} is not supported; valid values: {list(SUPPORTED_BITS)}")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise SinqConfigError(f"online SINQ: group_size={self.group_size} must be a positive multiple of 8")
+        if self.method not in _METHODS:
+            raise SinqConfigError(f"online SINQ: method={self.method!r}; valid values: {list(_METHODS)}")
+
+    def describe(self) -> str:
+        return f"{self.method} {self.nbits}-bit g{self.group_size}{' quantAux' if self.aux else ''}"
+
+
+def options_from_env() -> OnlineOptions | None:
+    """Parse ``SINQ_VLLM_ONLINE``; None when unset or off."""
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if raw.lower() in ("", "0", "false", "no", "off"):
+        return None
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return OnlineOptions()
+    fields = {}
+    for item in raw.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ("nbits", "group_size", "method", "aux"):
+            raise SinqConfigError(
+                f"{ENV_VAR}={raw!r}: expected '1' or comma-separated key=value with keys nbits, group_size, method, aux"
+            )
+        fields[key] = value.strip()
+    return _coerce(fields, ENV_VAR)
+
+
+def options_from_config(config: dict) -> OnlineOptions | None:
+    """Online options from a ``quantization_config`` that asks for them (``"online": true``)."""
+    if not config.get("online"):
+        return None
+    return _coerce({k: config[k] for k in ("nbits", "group_size", "method", "aux") if k in config}, "quantization_config")
+
+
+def _coerce(fields: dict, where: str) -> OnlineOptions:
+    try:
+        kwargs = {}
+        if "nbits" in fields:
+            kwargs["nbits"] = int(fields["nbits"])
+        if "group_size" in fields:
+            kwargs["group_size"] = int(fields["group_size"])
+        if "method" in fields:
+            kwargs["method"] = str(fields["method"])
+        if "aux" in fields:
+            kwargs["aux"] = str(fields["aux"]).lower() in ("1", "true", "yes", "on")
+    except ValueError as e:
+        raise SinqConfigError(f"{where}: invalid online SINQ option ({e})") from None
+    return OnlineOptions(**kwargs)
+
+
+class SinqOnlineLinearMethod(SinqLinearMethod):
+    """Loads the dense weight with vLLM's own loaders, then quantizes it once."""
+
+    def __init__(self, prefix: str, options: OnlineOptions, shard_names: list[str]):
+        super().__init__(prefix, metas=[])
+        self.options = options
+        self.shard_names = shard_names
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):
+        UnquantizedLinearMethod.create_weights(self, layer, input_size_per_partition, output_partition_sizes,
+                                               input_size, output_size, params_dtype, **extra_weight_attrs)
+        layer.sinq_partition = list(output_partition_sizes)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if not hasattr(layer, "sinq_partition"):
+            return
+        from .quantizer import quantize_weight
+
+        dense = layer.weight.data
+        device = dense.device
+        decoded, offsets = [], [0]
+        for name, rows in zip(self.shard_names, layer.sinq_partition):
+            part = dense[offsets[-1] : offsets[-1] + rows]
+            o = self.options
+            tensors, meta = quantize_weight(part, o.nbits, o.group_size, method=o.method, aux=o.aux, name=name)
+            decoded.append(decode_shard(meta, tensors, ShardSlice(0, rows, 0, part.shape[1])))
+            offsets.append(offsets[-1] + rows)
+        del layer.weight, layer.sinq_partition
+        weights = SinqWeights(
+            codes=torch.cat([d[0] for d in decoded]).to(device),
+            scales=torch.cat([d[1] for d in decoded]).to(device),
+            zeros=torch.cat([d[2] for d in decoded]).to(device),
+            col_scales=torch.stack([d[3] for d in decoded]).to(device),
+            shard_offsets=tuple(offsets),
+            nbits=self.options.nbits,
+            group_size=int(meta.group_size),
+        )
+        self.install(layer, weights)
