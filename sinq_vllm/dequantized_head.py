@@ -34,10 +34,7 @@ class SinqDequantizedHeadMethod(UnquantizedEmbeddingMethod):
         if hasattr(layer, "sinq_raw"):
             m = self.meta
             w = assemble([m], take_raw(layer), [ShardSlice(0, m.out_features, 0, m.in_features)], torch.device("cpu"))
-            g = w.group_size
-            dense = (w.codes.float().view(m.out_features, -1, g) - w.zeros.float().unsqueeze(-1)) * w.scales.float().unsqueeze(-1)
-            dense = dense.view(m.out_features, m.in_features) * w.col_scales.float()[0]
-            layer.weight.weight_loader(layer.weight, dense.to(layer.weight.dtype))
+            layer.weight.weight_loader(layer.weight, w.dequantize().to(layer.weight.dtype))
             logger.info("SINQ: '%s' is quantized in the checkpoint; dequantized once at load (%d-bit g%d)",
-                        self.prefix, m.nbits, g)
+                        self.prefix, m.nbits, w.group_size)
         super().process_weights_after_loading(layer)

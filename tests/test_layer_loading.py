@@ -117,7 +117,4 @@ def test_oracle_agrees_with_loader_decode():
     """The decoded codes/scales/zeros/t rebuild exactly the oracle's weight (fp32)."""
     tensors, meta = quantize_weight(_weight(64, 192, 5), 3, 64, name="layer")
     w = assemble([meta], [tensors], [ShardSlice(0, 64, 0, 192)], torch.device("cpu"))
-    g = w.group_size
-    deq = ((w.codes.float().view(64, -1, g) - w.zeros.float().unsqueeze(-1)) * w.scales.float().unsqueeze(-1))
-    deq = deq.view(64, 192) * w.col_scales.float()[0]
-    assert torch.allclose(deq, dequant_layer(tensors, _sidecar_dict(meta)), rtol=0, atol=1e-6)
+    assert torch.allclose(w.dequantize(), dequant_layer(tensors, _sidecar_dict(meta)), rtol=0, atol=1e-6)

@@ -34,6 +34,15 @@ class SinqWeights:
     def in_features(self) -> int:
         return self.codes.shape[1]
 
+    def dequantize(self) -> torch.Tensor:
+        """The dense float32 weight ``(Q - z) * s * t`` (for layers vLLM keeps dense)."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        w = (self.codes.float().view(n, -1, g) - self.zeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)
+        w = w.view(n, k)
+        for s in range(len(self.shard_offsets) - 1):
+            w[self.shard_offsets[s] : self.shard_offsets[s + 1]] *= self.col_scales[s].float()
+        return w
+
 
 @dataclass(frozen=True)
 class LayerSpec:
