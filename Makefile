@@ -1,8 +1,11 @@
 # `make demo` and `make test` build the environment in .venv when it is missing.
+# The reference SINQ wheel (a test oracle) patches Transformers at every interpreter start
+# unless this is 0 (requirements/reference.txt).
+export SINQ_AUTO_PATCH=0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sinq-env-stamp
-ENV_INPUTS := requirements/cpu.txt requirements/test.txt requirements/assets.txt scripts/setup_env.sh \
+ENV_INPUTS := requirements/cpu.txt requirements/test.txt requirements/reference.txt requirements/assets.txt scripts/setup_env.sh \
               setup.py build_ext_config.py $(wildcard csrc/cpu/*)
 
 .PHONY: env demo test bench clean-env
@@ -18,6 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -ra
+
+# Quality, quantization time and throughput tables (benchmarks/README.md), ~20 min on 2 cores.
+bench: $(STAMP)
+	SINQ_AUTO_PATCH=0 $(PY) benchmarks/quality.py
+	SINQ_AUTO_PATCH=0 $(PY) benchmarks/quant_time.py
+	SINQ_AUTO_PATCH=0 $(PY) benchmarks/throughput.py
 
 clean-env:
 	rm -rf $(VENV)

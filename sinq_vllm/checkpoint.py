@@ -12,6 +12,9 @@ import os
 from .errors import SinqCheckpointError
 from .format.layer_meta import INDEX_NAME, SIDECAR_NAME, LayerMeta
 
+#: larger sidecar or index files are refused unread (real ones are well under 10 MB)
+MAX_JSON_BYTES = 256 * 1024 * 1024
+
 
 def resolve_local_dir(model: str) -> str | None:
     """A local folder for ``model``: the path itself, or its snapshot in the HF cache."""
@@ -37,17 +40,26 @@ def has_sinq_sidecar(model: str) -> bool:
 def read_layer_metas(model_dir: str) -> dict[str, LayerMeta]:
     """Parse the sidecar of ``model_dir`` into ``{hf_module_name: LayerMeta}``."""
     path = sidecar_path(model_dir)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise SinqCheckpointError(f"{path}: the SINQ sidecar meta is not a regular file")
     if not os.path.isfile(path):
         raise SinqCheckpointError(
             f"{model_dir} is not a SINQ checkpoint: {SIDECAR_NAME} is missing "
             f"(expected next to {INDEX_NAME}; write one with `sinq-vllm quantize` or the reference "
-            "`save_quantized_safetensors`)"
+            "`save_quantized_safetensors`, or quantize a bf16/fp16 checkpoint while loading with "
+            "SINQ_VLLM_ONLINE=1 or --hf-overrides '{\"quantization_config\": {\"quant_method\": \"sinq\", "
+            "\"online\": true}}')"
         )
     try:
-        with open(path) as f:
+        size = os.path.getsize(path)
+        if size > MAX_JSON_BYTES:
+            raise SinqCheckpointError(f"{path}: {size} bytes is too large for a SINQ sidecar (limit {MAX_JSON_BYTES})")
+        with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SinqCheckpointError(f"{path}: cannot read the SINQ sidecar meta: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON and UTF-8 errors
+        if isinstance(e, SinqCheckpointError):
+            raise
+        raise SinqCheckpointError(f"{path}: cannot read the SINQ sidecar meta: {type(e).__name__}: {e}") from None
     if not isinstance(raw, dict) or not raw:
         raise SinqCheckpointError(f"{path}: expected a non-empty JSON object of per-layer meta entries")
     metas = {name: LayerMeta.from_sidecar(name, entry, path) for name, entry in raw.items()}
@@ -56,20 +68,15 @@ def read_layer_metas(model_dir: str) -> dict[str, LayerMeta]:
 
 def tensor_names(model_dir: str) -> set[str]:
     """Names of all tensors of a checkpoint, from its index (or the shard headers)."""
+    from .validation import read_index, read_safetensors_header  # validation imports this module
+
     index = os.path.join(model_dir, INDEX_NAME)
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                return set(json.load(f)["weight_map"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SinqCheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-    from safetensors import safe_open
-
+        return set(read_index(model_dir))
     names: set[str] = set()
     for fname in sorted(os.listdir(model_dir)):
         if fname.endswith(".safetensors"):
-            with safe_open(os.path.join(model_dir, fname), framework="pt") as f:
-                names.update(f.keys())
+            names.update(read_safetensors_header(os.path.join(model_dir, fname)))
     return names
 
 
@@ -97,11 +104,14 @@ def check_sidecar_matches_tensors(model_dir: str, metas: dict[str, LayerMeta]) -
 def json_keys_have_legacy_prefix(model_dir: str) -> bool:
     """True for reference commit 9a9812f checkpoints, whose names carry one extra ``model.``."""
     try:
-        with open(sidecar_path(model_dir)) as f:
-            names = list(json.load(f))
-    except (OSError, json.JSONDecodeError, TypeError):
-        return False
-    return _is_legacy_prefixed(names)
+        path = sidecar_path(model_dir)
+        if not os.path.isfile(path) or os.path.getsize(path) > MAX_JSON_BYTES:  # never open a FIFO or device
+            return False
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False  # read_layer_metas reports the unreadable sidecar
+    return isinstance(raw, dict) and _is_legacy_prefixed(list(raw))
 
 
 def _is_legacy_prefixed(names) -> bool:

@@ -38,6 +38,10 @@ def add_quantize_parser(subparsers) -> None:
                    help="sinq: Sinkhorn-normalized (default); rtn: plain round-to-nearest baseline")
     p.add_argument("--no-aux", dest="aux", action="store_false",
                    help="store scales and zeros in fp16 instead of the default 8-bit quantAux")
+    p.add_argument("--no-experts", dest="experts", action="store_false",
+                   help="MoE models: keep the routed experts in full precision (default: quantize each expert)")
+    p.add_argument("--quantize-routers", dest="routers", action="store_true",
+                   help="MoE models: quantize the router gates too (default: keep them in full precision, as vLLM does)")
     p.add_argument("--skip", nargs="+", action="extend", default=[], metavar="MODULE",
                    help="keep modules matching these names in full precision (fnmatch pattern or substring)")
     p.add_argument("--max-shard-size", default="4GB", help="largest output shard, e.g. 4GB, 500MB (default 4GB)")
@@ -61,18 +65,82 @@ def run_quantize(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         progress=args.progress,
+        experts=args.experts,
+        routers=args.routers,
     )
     print(
         f"wrote {s.out_dir}: {len(s.quantized)} quantized Linear layers, {s.copied} tensors copied, "
         f"{len(s.shards)} shard(s), {s.total_size / 1e6:.1f} MB (source {s.source_size / 1e6:.1f} MB), "
         f"{s.seconds:.1f}s"
     )
+    if s.experts_kept:
+        print(f"{len(s.experts_kept)} MoE experts module(s) kept in full precision")
     if s.kurtosis_gated:
         print(f"{len(s.kurtosis_gated)} layer(s) had kurtosis > 5 and were quantized with plain RTN")
     return 0
 
 
-SUBCOMMANDS = [add_quantize_parser]
+def add_inspect_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="show what a SINQ checkpoint holds and whether sinq-vllm can serve it",
+        description=(
+            "Read a checkpoint folder's config, sidecar meta and safetensors headers (no tensor data) and "
+            "print per-layer bits, group size, method, quantAux and tiling, the modules kept in full "
+            "precision, the bytes of codes, scales and other tensors vs an estimated bf16 size, and "
+            "whether sinq-vllm can serve it (and why not). Exit status 0 if it can, 1 if not."
+        ),
+    )
+    p.add_argument("model_dir", metavar="DIR", help="checkpoint folder")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--layers", action="store_true", help="list every quantized module")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .inspect_cmd import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(args.model_dir)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(format_report(report, show_layers=args.layers))
+    return 0 if report.servable else 1
+
+
+def add_convert_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a reference SINQ qmodel.pt checkpoint into sharded safetensors",
+        description=(
+            "Rewrite a checkpoint saved by the reference AutoSINQHFModel.save_quantized (config.json, "
+            "tokenizer, qmodel.pt) in the sharded safetensors + sidecar layout vLLM loads. The .pt file "
+            "is read with torch.load(weights_only=True) only: files holding arbitrary Python objects "
+            "are refused."
+        ),
+    )
+    p.add_argument("src", metavar="SRC", help="folder holding qmodel.pt (and config.json), or the .pt file")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder")
+    p.add_argument("--max-shard-size", default="4GB", help="largest output shard, e.g. 4GB, 500MB (default 4GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT_DIR")
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert_pt import convert_pt
+
+    s = convert_pt(args.src, args.out_dir, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(
+        f"wrote {s.out_dir}: {len(s.quantized)} SINQ modules, {len(s.plain)} other modules, {s.tensors} tensors "
+        f"in {len(s.shards)} shard(s), {s.total_size / 1e6:.1f} MB"
+        + (f"; left out {len(s.dropped)} rotary buffers" if s.dropped else "")
+    )
+    return 0
+
+
+SUBCOMMANDS = [add_quantize_parser, add_inspect_parser, add_convert_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

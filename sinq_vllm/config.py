@@ -14,17 +14,20 @@ import torch
 
 from .checkpoint import (
     check_sidecar_matches_tensors,
+    has_sinq_sidecar,
     json_keys_have_legacy_prefix,
     read_layer_metas,
     resolve_local_dir,
     tensor_names,
 )
 from .dequantized_head import SinqDequantizedHeadMethod
+from .online import OnlineOptions, SinqOnlineLinearMethod, options_from_config, options_from_env
 from .errors import SinqCheckpointError, SinqConfigError
 from .format.layer_meta import LayerMeta
 from .format.packing import SUPPORTED_BITS
 from .linear_method import SinqLinearMethod
 from .log import get_logger
+from .validation import validate_before_engine
 from .vllm_compat import LinearBase, ParallelLMHead, QuantizationConfig, UnquantizedLinearMethod
 
 logger = get_logger(__name__)
@@ -32,6 +35,8 @@ logger = get_logger(__name__)
 QUANT_METHOD = "sinq"
 _TILINGS = ("1D",)
 _METHODS = ("sinq", "asinq", "rtn")
+#: vLLM's usual merged layers, for models that register them in packed_modules_mapping too late
+_USUAL_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class SinqConfig(QuantizationConfig):
@@ -49,6 +54,7 @@ class SinqConfig(QuantizationConfig):
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.layer_metas: dict[str, LayerMeta] = {}  # filled from the sidecar by maybe_update_config
         self.legacy_model_prefix = False
+        self.online: OnlineOptions | None = None  # quantize a dense checkpoint while loading
         self.bias_names: set[str] | None = None  # "<module>.bias" in the checkpoint; None: unknown
 
     def __repr__(self) -> str:
@@ -95,12 +101,21 @@ class SinqConfig(QuantizationConfig):
         method = config.get("method", "sinq")
         if not isinstance(method, str) or not any(method.startswith(m) for m in _METHODS):
             raise SinqConfigError(f"{where}: method={method!r}; valid values: {list(_METHODS)}")
-        return cls(nbits, group_size, method, config.get("modules_to_not_convert"))
+        cfg = cls(nbits, group_size, method, config.get("modules_to_not_convert"))
+        cfg.online = options_from_config(config)
+        return cfg
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
         local = resolve_local_dir(model_name)
         if local is None:
             raise SinqCheckpointError(f"cannot find the SINQ checkpoint folder of '{model_name}' locally")
+        if not has_sinq_sidecar(local):
+            self.online = self.online or options_from_env()
+            if self.online is not None:
+                logger.info("%s has no SINQ sidecar: quantizing its weights with SINQ (%s) while loading",
+                            local, self.online.describe())
+                return
+        self.online = None
         self.legacy_model_prefix = json_keys_have_legacy_prefix(local)
         self.layer_metas = read_layer_metas(local)
         check_sidecar_matches_tensors(local, self.layer_metas)
@@ -109,12 +124,15 @@ class SinqConfig(QuantizationConfig):
             names = {n[len("model."):] if n.startswith("model.") else n for n in names}
         self.bias_names = {n for n in names if n.endswith(".bias")}
         self._check_supported()
+        validate_before_engine(local, self.layer_metas, hf_config, self.legacy_model_prefix, model_name == local)
         self._check_declared(local)
         logger.info(
             "SINQ checkpoint %s: %d quantized linear modules (%s)", local, len(self.layer_metas), _summary(self.layer_metas)
         )
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if self.online is not None:
+            return self._online_quant_method(layer, prefix)
         if isinstance(layer, LinearBase):
             names = self._checkpoint_names(prefix)
             metas = [self.layer_metas.get(n) for n in names]
@@ -131,7 +149,9 @@ class SinqConfig(QuantizationConfig):
             return SinqLinearMethod(prefix, metas, has_bias)
         if isinstance(layer, ParallelLMHead) and prefix in self.layer_metas:
             return SinqDequantizedHeadMethod(prefix, self.layer_metas[prefix])
-        return None
+        from .moe_method import sinq_moe_quant_method  # lazy: vLLM's fused-MoE package is heavy
+
+        return sinq_moe_quant_method(layer, prefix, self.layer_metas, self.bias_names)  # None unless RoutedExperts
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         renamer = hf_to_vllm_mapper.get_rename_mapper()
@@ -148,10 +168,23 @@ class SinqConfig(QuantizationConfig):
         return mapper
 
     # ---- helpers -----------------------------------------------------------------------
+    def _online_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None
+        names = self._checkpoint_names(prefix)
+        if any(n in self.modules_to_not_convert or n.split(".")[-1] in self.modules_to_not_convert for n in names):
+            return UnquantizedLinearMethod()
+        return SinqOnlineLinearMethod(prefix, self.online, names)
+
     def _checkpoint_names(self, prefix: str) -> list[str]:
         parent, _, leaf = prefix.rpartition(".")
         parts = self.packed_modules_mapping.get(leaf)
         if not parts:
+            # vLLM copies the model's packed_modules_mapping before the model's __init__ adds
+            # to it (Qwen3-MoE adds gate_up_proj only when mlp_only_layers is set)
+            guess = [f"{parent}.{p}" if parent else p for p in _USUAL_PACKED.get(leaf, ())]
+            if guess and prefix not in self.layer_metas and all(g in self.layer_metas for g in guess):
+                return guess
             return [prefix]
         return [f"{parent}.{p}" if parent else p for p in parts]
 

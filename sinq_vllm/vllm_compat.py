@@ -51,7 +51,30 @@ __all__ = [
     "set_weight_attrs",
     "init_logger",
     "model_config_class",
+    "fused_moe_api",
 ]
+
+
+def fused_moe_api():
+    """vLLM's fused-MoE classes, imported on first use: the package is heavy and must not be
+    imported when the plugin registers."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.fused_moe import (
+        FusedMoEConfig,
+        FusedMoEMethodBase,
+        MoEActivation,
+        RoutedExperts,
+        UnquantizedFusedMoEMethod,
+    )
+
+    return SimpleNamespace(
+        FusedMoEConfig=FusedMoEConfig,
+        FusedMoEMethodBase=FusedMoEMethodBase,
+        MoEActivation=MoEActivation,
+        RoutedExperts=RoutedExperts,
+        UnquantizedFusedMoEMethod=UnquantizedFusedMoEMethod,
+    )
 
 
 def model_config_class():

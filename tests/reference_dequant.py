@@ -278,6 +278,30 @@ def dequantized_state_dict(ckpt_dir: str | os.PathLike,
     return sd
 
 
+def _fuse_experts(sd: dict[str, torch.Tensor], model) -> None:
+    """Transformers v5 MoE models hold the experts of a block fused (``experts.gate_up_proj``
+    ``[E, 2I, H]`` = gate rows then up rows per expert, ``experts.down_proj`` ``[E, H, I]``)
+    while checkpoints hold them per expert (``experts.{e}.gate_proj.weight`` ...): stack them
+    the way Transformers' own loading conversion does (MergeModulelist + Concatenate)."""
+    import re
+
+    per_expert = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    fused_names = set(model.state_dict())
+    groups: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for key in list(sd):
+        m = per_expert.match(key)
+        if m and f"{m.group(1)}.down_proj" in fused_names:
+            groups.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = sd.pop(key)
+    for prefix, projs in groups.items():
+        n = len(projs["down_proj"])
+        if "gate_proj" in projs:
+            sd[f"{prefix}.gate_up_proj"] = torch.stack(
+                [torch.cat([projs["gate_proj"][e], projs["up_proj"][e]], 0) for e in range(n)])
+        else:
+            sd[f"{prefix}.up_proj"] = torch.stack([projs["up_proj"][e] for e in range(n)])
+        sd[f"{prefix}.down_proj"] = torch.stack([projs["down_proj"][e] for e in range(n)])
+
+
 def dequantized_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """A Transformers ``AutoModelForCausalLM`` holding the dequantized weights (eval mode).
 
@@ -309,6 +333,7 @@ def dequantized_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.fl
         no_init_weights = contextlib.nullcontext
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    _fuse_experts(sd, model)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:

@@ -44,7 +44,7 @@ __all__ = [
     "make_tiny_model",
 ]
 
-ARCHS = ("llama", "qwen3", "qwen2", "mistral", "gemma3")
+ARCHS = ("llama", "qwen3", "qwen2", "mistral", "gemma3", "qwen3_moe")
 
 #: Special tokens, in id order (0..4).
 SPECIAL_TOKENS = ("<|endoftext|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
@@ -166,7 +166,7 @@ def make_tokenizer(tokenizer_dir: str | os.PathLike, vocab_size: int = 512) -> P
 
 def tiny_config(arch: str, vocab_size: int, **overrides):
     """The Transformers config of a tiny model (see :func:`make_tiny_model`)."""
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
@@ -200,6 +200,15 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         common.update(head_dim=32, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=32,
                       sliding_window=64, layer_types=["sliding_attention", "full_attention"],
                       tie_word_embeddings=True)
+    elif arch == "qwen3_moe":
+        # Qwen3-MoE: 16 experts of intermediate 64, top-2 with renormalized weights, router
+        # `mlp.gate` [16, 128]; Transformers v5 holds the experts fused (3-D) and
+        # save_pretrained writes them per expert (mlp.experts.{e}.gate_proj.weight ...).
+        # mlp_only_layers=[i] makes layer i a dense MLP.
+        cls = Qwen3MoeConfig
+        common.update(head_dim=32, use_sliding_window=False, moe_intermediate_size=64, num_experts=16,
+                      num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                      router_aux_loss_coef=0.0, output_router_logits=False)
     else:
         cls = LlamaConfig if arch == "llama" else Qwen3Config
         common.update(head_dim=32)
@@ -209,7 +218,7 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
     cfg = cls(**common)
     cfg.architectures = [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
                           "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-                          "gemma3": "Gemma3ForCausalLM"}[arch]]
+                          "gemma3": "Gemma3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[arch]]
     return cfg
 
 
@@ -231,7 +240,7 @@ def make_tiny_model(arch: str, out_dir: str | os.PathLike, *, tokenizer_dir: str
                     seed: int = 0, dtype: torch.dtype = torch.bfloat16, init_std: float = 0.08,
                     norm_std: float = 0.1, bias_std: float | None = None,
                     **overrides) -> Path:
-    """Write a tiny random-weight model folder for ``arch`` in {"llama", "qwen3", "qwen2"}.
+    """Write a tiny random-weight model folder for ``arch`` in :data:`ARCHS`.
 
     Defaults: hidden 128, 2 layers, 4 heads / 2 KV heads (GQA), head_dim 32,
     intermediate 192, max_position_embeddings 512, untied embeddings, vocab = tokenizer size.

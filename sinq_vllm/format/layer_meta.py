@@ -6,6 +6,7 @@ loader, the ``inspect`` command and the quantizer writer share.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import SinqCheckpointError
@@ -76,46 +77,77 @@ class LayerMeta:
         try:
             nbits = meta["nbits"]
             shape = meta["shape"]
-            method = str(meta.get("method", "sinq_quantAux"))
-            packing = meta.get("packing") or BITS_TO_PACKING.get(int(nbits))
         except KeyError as e:
             raise SinqCheckpointError(f"{where}: missing meta field {e.args[0]!r}") from None
-        if not (isinstance(nbits, (int, float)) and float(nbits).is_integer()):
+        method = str(meta.get("method", "sinq_quantAux"))
+        if isinstance(nbits, bool) or not (isinstance(nbits, (int, float)) and float(nbits).is_integer()):
             raise SinqCheckpointError(f"{where}: nbits={nbits!r} is not an integer bit width")
         nbits = int(nbits)
-        if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+        packing = meta.get("packing") or BITS_TO_PACKING.get(nbits)
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(_is_pos_int(v) for v in shape)):
             raise SinqCheckpointError(f"{where}: shape={shape!r} is not [out_features, in_features]")
-        if packing not in PACKINGS:
+        if not isinstance(packing, str) or packing not in PACKINGS:
             raise SinqCheckpointError(f"{where}: unknown packing {packing!r} (known: {sorted(PACKINGS)})")
         if PACKINGS[packing][1] != nbits:
             raise SinqCheckpointError(f"{where}: packing {packing!r} does not hold {nbits}-bit codes")
+        if meta.get("axis", 1) != 1:
+            raise SinqCheckpointError(f"{where}: axis={meta.get('axis')!r}; SINQ groups run along in_features (axis 1)")
         n, k = shape
-        scale_shape = tuple(meta.get("scale.shape") or meta.get("scale", {}).get("shape", ()) or ())
-        zero_shape = tuple(meta.get("zero.shape") or meta.get("zero", {}).get("shape", ()) or ())
-        if len(scale_shape) == 2:
+        declared = meta.get("group_size")
+        if isinstance(declared, float) and declared.is_integer():
+            declared = int(declared)
+        if declared is not None and not _is_pos_int(declared):
+            raise SinqCheckpointError(f"{where}: group_size={declared!r} is not a positive integer")
+        quantizer_group = reference_group_size(declared or k, k)
+        scale_shape = _shape_field(meta, "scale", where)
+        zero_shape = _shape_field(meta, "zero", where)
+        if not scale_shape:  # the reference writes no scale.shape/zero.shape for plain (non-quantAux) scales
+            if k % quantizer_group:
+                raise SinqCheckpointError(
+                    f"{where}: no scale.shape, and group_size={declared} does not divide in_features={k}"
+                )
+            scale_shape = (n * k // quantizer_group, 1)
+        if len(scale_shape) == 2 and scale_shape[1] == 1:
             rows = scale_shape[0]
-        elif len(scale_shape) == 3:
+        elif len(scale_shape) == 3 and scale_shape[2] == 1:
             rows = scale_shape[0] * scale_shape[1]
         else:
             raise SinqCheckpointError(f"{where}: scale.shape={list(scale_shape)} is neither [R, 1] nor [tiles, b, 1]")
         if rows <= 0 or (n * k) % rows:
-            raise SinqCheckpointError(f"{where}: scale.shape={list(scale_shape)} does not divide shape {shape} into groups")
+            raise SinqCheckpointError(
+                f"{where}: scale.shape={list(scale_shape)} does not divide shape {shape} into groups"
+            )
         group = (n * k) // rows
         if k % group:
             raise SinqCheckpointError(
                 f"{where}: group size {group} (from scale.shape) does not divide in_features={k}"
             )
-        declared = meta.get("group_size")
+        if zero_shape and math.prod(zero_shape) != rows:
+            raise SinqCheckpointError(
+                f"{where}: zero.shape={list(zero_shape)} holds {math.prod(zero_shape)} zeros, expected one per group "
+                f"({rows}, as scale.shape={list(scale_shape)} says)"
+            )
+        if declared is not None and quantizer_group != group:
+            raise SinqCheckpointError(
+                f"{where}: group_size={declared} with in_features={k} gives groups of {quantizer_group}, but "
+                f"scale.shape={list(scale_shape)} implies groups of {group}"
+            )
+        aux = "quantAux" in method
+        if aux and rows % 32:
+            raise SinqCheckpointError(
+                f"{where}: method {method!r} stores 8-bit scales as [32, R/32], but R={rows} groups is not a "
+                "multiple of 32"
+            )
         return cls(
             name=name,
             nbits=nbits,
             group_size=group,
-            declared_group_size=int(declared) if isinstance(declared, (int, float)) else None,
+            declared_group_size=declared,
             out_features=n,
             in_features=k,
             method=method,
             packing=packing,
-            aux="quantAux" in method,
+            aux=aux,
             scale_shape=scale_shape,
             zero_shape=zero_shape,
             compute_dtype=meta.get("compute_dtype"),
@@ -139,3 +171,27 @@ class LayerMeta:
                 "view_as_float": False,
             }
         }
+
+
+def reference_group_size(group_size: int, in_features: int) -> int:
+    """The group the reference quantizer uses: it halves a group that does not divide K, down to 16."""
+    g = group_size
+    while g >= 16 and in_features % g:
+        g //= 2
+    return g
+
+
+def _is_pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _shape_field(meta: dict, name: str, where: str) -> tuple[int, ...]:
+    """``meta["<name>.shape"]`` (sidecar) or ``meta[name]["shape"]`` (re-nested), checked."""
+    value = meta.get(f"{name}.shape")
+    if value is None and isinstance(meta.get(name), dict):
+        value = meta[name].get("shape")
+    if value is None:
+        return ()
+    if not (isinstance(value, (list, tuple)) and len(value) <= 4 and all(_is_pos_int(v) for v in value)):
+        raise SinqCheckpointError(f"{where}: {name}.shape={value!r} is not a list of positive integers")
+    return tuple(value)

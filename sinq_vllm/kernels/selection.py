@@ -23,12 +23,15 @@ ENV_VAR = "SINQ_VLLM_BACKEND"
 # name -> "module:Class", imported lazily so that registering the plugin stays cheap
 _BACKENDS: dict[str, str] = {
     "cpu": "sinq_vllm.kernels.cpu_backend:CpuBackend",
+    "cuda": "sinq_vllm.kernels.cuda_backend:CudaBackend",
+    "triton": "sinq_vllm.kernels.triton_backend:TritonBackend",
     "torch": "sinq_vllm.kernels.torch_backend:TorchBackend",
 }
-# preference order per device type
+# preference order per device type. On CUDA the choice by M happens per call inside the
+# chosen backend's op (``cuda``: its decode kernel for M <= 16, the Triton GEMM above).
 _PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
-    "cuda": ("torch",),
+    "cuda": ("cuda", "triton", "torch"),
 }
 
 _instances: dict[str, KernelBackend] = {}

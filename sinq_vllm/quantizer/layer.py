@@ -115,12 +115,24 @@ def quantized_layout(
 
 
 def _quantize_slabs(
-    slabs: torch.Tensor, nbits: int, use_sinkhorn: bool
+    slabs: torch.Tensor, nbits: int, use_sinkhorn: bool, sinkhorn_round_trip: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp16 slabs ``[T, N, B]`` -> uint8 codes, fp16 s1 ``[T, N, 1]``, z ``[T, N, 1]``, t ``[T, B]``."""
+    """fp16 slabs ``[T, N, B]`` -> uint8 codes, fp16 s1 ``[T, N, 1]``, z ``[T, N, 1]``, t ``[T, B]``.
+
+    ``sinkhorn_round_trip`` reproduces the reference's RTN branch of
+    ``quantize_dual_scale_shift`` (taken by kurtosis-gated "sinq" layers): it normalizes
+    with Sinkhorn, multiplies the factors back (``x / mu1 / mu2 * mu1 * mu2`` is not exact
+    in fp32) and then quantizes with unit scales. Skipping it flips ~0.3% of the codes at
+    rounding ties, so gated layers would not match the reference bit for bit.
+    """
     x = slabs.to(torch.float32)
     if use_sinkhorn:
         x, mu1, mu2 = sinkhorn_log(x)
+    elif sinkhorn_round_trip:
+        x, mu1, mu2 = sinkhorn_log(x)
+        x = x * mu1[:, None, :] * mu2
+        mu1 = torch.ones_like(mu1)
+        mu2 = torch.ones_like(mu2)
     else:
         mu1 = x.new_ones(x.shape[0], x.shape[2])
         mu2 = x.new_ones(x.shape[0], x.shape[1], 1)
@@ -130,7 +142,7 @@ def _quantize_slabs(
     return q.to(torch.uint8), s1, zeros.to(torch.float16), mu1.to(torch.float16)
 
 
-def _tile_quantize(w16: torch.Tensor, group: int, nbits: int, use_sinkhorn: bool):
+def _tile_quantize(w16: torch.Tensor, group: int, nbits: int, use_sinkhorn: bool, sinkhorn_round_trip: bool = False):
     """Run all column slabs of ``w16`` in chunks; returns codes ``[R, g]``, s, z ``[R, 1]``, t ``[1, K]``."""
     n, k = w16.shape
     tiles = k // group
@@ -142,7 +154,7 @@ def _tile_quantize(w16: torch.Tensor, group: int, nbits: int, use_sinkhorn: bool
     step = max(1, _SLAB_CHUNK_ELEMS // (n * group))
     for lo in range(0, tiles, step):
         hi = min(tiles, lo + step)
-        q, s1, z, t = _quantize_slabs(slabs[lo:hi], nbits, use_sinkhorn)
+        q, s1, z, t = _quantize_slabs(slabs[lo:hi], nbits, use_sinkhorn, sinkhorn_round_trip)
         codes[:, lo:hi] = q.permute(1, 0, 2)
         scale[:, lo:hi] = s1[..., 0].T
         zero[:, lo:hi] = z[..., 0].T
@@ -207,7 +219,11 @@ def quantize_weight_detailed(
     gated = method == "sinq" and heavy_tailed(w16)
     if gated:
         logger.info("layer '%s': kurtosis > 5, quantized with plain RTN (as the reference)", name)
-    codes, scale, zero, col = _tile_quantize(w16, group, nbits, use_sinkhorn=method == "sinq" and not gated)
+    # Gated layers take the reference's RTN branch, Sinkhorn round trip included, so that
+    # they match it bit for bit; --method rtn stays plain RTN (our baseline, no Sinkhorn).
+    codes, scale, zero, col = _tile_quantize(
+        w16, group, nbits, use_sinkhorn=method == "sinq" and not gated, sinkhorn_round_trip=gated
+    )
     # An inf/NaN weight (e.g. beyond the fp16 range) reaches every scale and zero of its
     # group row, so checking these R values covers the N*K weights.
     _require_finite(name, "a group scale", scale)

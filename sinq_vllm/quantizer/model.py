@@ -3,6 +3,16 @@
 Which tensors are nn.Linear weights is read off the model skeleton built on the meta
 device (no weights allocated), not guessed from names. Tensors are then read one at a
 time from the source and written straight into pre-planned output shards.
+
+Mixture-of-experts models. Transformers v5 holds the routed experts of a block as fused
+3-D parameters (``mlp.experts.gate_up_proj [E, 2I, H]``, ``mlp.experts.down_proj
+[E, H, I]``), not nn.Linear, but ``save_pretrained`` writes them per expert as 2-D
+tensors (``mlp.experts.{e}.gate_proj.weight`` ...). With ``experts=True`` (default) each
+of those becomes its own SINQ module ``mlp.experts.{e}.gate_proj`` (same on-disk format
+as a Linear: ``W_q``, ``meta.*``, one sidecar entry), which is what vLLM's per-expert
+weight mapping expects. Router gates (``mlp.gate``, out_features = number of experts)
+stay in full precision unless ``routers=True``, as vLLM keeps them; ``*_gate`` modules
+of an MoE block (e.g. ``shared_expert_gate``) always do.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ from tqdm.auto import tqdm
 from ..errors import SinqCheckpointError, SinqConfigError
 from ..format.layer_meta import INDEX_NAME, SIDECAR_NAME, LayerMeta
 from ..log import get_logger
-from .layer import quantize_weight_detailed, quantized_layout, stored_method, validate_options
+from ..format.aux8 import SCALE_TILE
+from .layer import effective_group_size, quantize_weight_detailed, quantized_layout, stored_method, validate_options
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
     Shard,
@@ -61,6 +72,7 @@ class QuantizeSummary:
     quantized: list[str] = field(default_factory=list)  # module names
     not_converted: list[str] = field(default_factory=list)  # Linear modules kept in full precision
     kurtosis_gated: list[str] = field(default_factory=list)  # "sinq" layers the gate sent to RTN
+    experts_kept: list[str] = field(default_factory=list)  # MoE expert containers left in full precision
     copied: int = 0  # tensors copied unchanged
     dropped: list[str] = field(default_factory=list)  # tensor keys left out (tied lm_head, buffers)
     shards: list[str] = field(default_factory=list)
@@ -79,6 +91,7 @@ class _Item:
     dtype: str
     shape: tuple[int, ...]
     module: str | None = None  # set when the tensor is a Linear weight we quantize
+    aux_ok: bool = True  # False: this module is stored without quantAux (tiny router gates)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +146,49 @@ def _read_config_json(src: Path) -> dict:
 
 
 @dataclass(frozen=True)
+class _Experts:
+    """A Transformers v5 fused-experts module, as its per-expert 2-D tensors appear on disk."""
+
+    num_experts: int
+    shapes: dict[str, tuple[int, int]]  # projection ("gate_proj", ...) -> (out_features, in_features)
+
+
+@dataclass(frozen=True)
 class _Skeleton:
     linears: dict[str, tuple[int, int]]  # module name -> (out_features, in_features)
     output_module: str | None  # lm_head-like module, never quantized
     tied_output: bool  # output embeddings share the input embedding weight
+    experts: dict[str, _Experts] = field(default_factory=dict)  # fused experts module name -> layout
+    routers: dict[str, tuple[int, int]] = field(default_factory=dict)  # MoE gate -> (num_experts, hidden)
+    block_gates: frozenset[str] = frozenset()  # other gates of MoE blocks (shared_expert_gate): never quantized
+
+    def kind_of(self, module: str) -> tuple[str, tuple[int, int]] | None:
+        """("linear" | "expert" | "router" | "block_gate", (out, in)) of a module we could quantize."""
+        if module in self.routers:
+            return "router", self.routers[module]
+        if module in self.block_gates:
+            return "block_gate", self.linears[module]
+        if module in self.linears:
+            return ("expert" if _EXPERT_LINEAR.search(module) else "linear"), self.linears[module]
+        m = _PER_EXPERT.match(module)
+        if m and m.group(1) in self.experts:
+            info = self.experts[m.group(1)]
+            if int(m.group(2)) < info.num_experts and m.group(3) in info.shapes:
+                return "expert", info.shapes[m.group(3)]
+        return None
+
+
+# "<experts module>.<expert index>.<projection>" as save_pretrained writes fused experts
+_PER_EXPERT = re.compile(r"^(.*)\.(\d+)\.([A-Za-z0-9_]+)$")
+# nn.Linear experts held in a ModuleList ("...experts.3.w1"): quantized like any Linear
+_EXPERT_LINEAR = re.compile(r"(^|\.)experts\.\d+\.")
+_EXPERTS_CONTAINER = re.compile(r"^(.*?experts)\.\d+\.")
+
+
+def _experts_container(module: str) -> str:
+    """"model.layers.0.mlp.experts" of "model.layers.0.mlp.experts.3.gate_proj"."""
+    m = _EXPERTS_CONTAINER.match(module)
+    return m.group(1) if m else module.rsplit(".", 2)[0]
 
 
 def _module_name(model: torch.nn.Module, target: torch.nn.Module | None) -> str | None:
@@ -165,7 +217,46 @@ def model_skeleton(src: Path) -> _Skeleton:
         for name, mod in model.named_modules()
         if isinstance(mod, torch.nn.Linear)
     }
-    return _Skeleton(linears, _module_name(model, out_mod), tied)
+    experts, routers, block_gates = _moe_modules(model)
+    return _Skeleton(linears, _module_name(model, out_mod), tied, experts, routers, frozenset(block_gates))
+
+
+def _moe_modules(model: torch.nn.Module):
+    """Fused experts modules, router gates and other gates of the MoE blocks of ``model``."""
+    experts: dict[str, _Experts] = {}
+    blocks: set[str] = set()
+    for name, mod in model.named_modules():
+        params = dict(mod.named_parameters(recurse=False))
+        gate_up, up, down = params.get("gate_up_proj"), params.get("up_proj"), params.get("down_proj")
+        first = gate_up if gate_up is not None else up
+        if first is not None and down is not None and first.dim() == 3 and down.dim() == 3:
+            e, n1, h = first.shape
+            i = n1 // 2 if gate_up is not None else n1
+            if tuple(down.shape) != (e, h, i) or (gate_up is not None and n1 % 2):
+                # e.g. [E, H, 2I] (transposed) layouts: their on-disk names are not per-expert 2-D
+                logger.warning("experts module %s has a layout the quantizer does not know (%s, %s); it stays "
+                               "in full precision", name, tuple(first.shape), tuple(down.shape))
+            else:
+                shapes = {"down_proj": (h, i)}
+                shapes.update({"gate_proj": (i, h), "up_proj": (i, h)} if gate_up is not None else {"up_proj": (i, h)})
+                experts[name] = _Experts(int(e), shapes)
+            blocks.add(name.rpartition(".")[0])
+        elif name.rpartition(".")[2] == "experts" and isinstance(mod, torch.nn.ModuleList):
+            blocks.add(name.rpartition(".")[0])
+    routers: dict[str, tuple[int, int]] = {}
+    block_gates: set[str] = set()
+    for name, mod in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        if parent not in blocks or not (leaf == "gate" or leaf.endswith("_gate")):
+            continue
+        weight = getattr(mod, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2:
+            continue
+        if leaf == "gate":
+            routers[name] = (int(weight.shape[0]), int(weight.shape[1]))
+        elif isinstance(mod, torch.nn.Linear):
+            block_gates.add(name)
+    return experts, routers, block_gates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +278,8 @@ def _tensor_meta(handle, key: str) -> tuple[str, tuple[int, ...]]:
     return sl.get_dtype(), tuple(sl.get_shape())
 
 
-def _classify(key, dtype, shape, skel: _Skeleton, skip, summary: QuantizeSummary) -> str | None:
+def _classify(key, dtype, shape, skel: _Skeleton, skip, summary: QuantizeSummary,
+              experts: bool = True, routers: bool = False) -> str | None:
     """"drop", "copy" or the module name to quantize."""
     if key.endswith(_DROPPED_SUFFIXES):
         return "drop"
@@ -196,12 +288,19 @@ def _classify(key, dtype, shape, skel: _Skeleton, skip, summary: QuantizeSummary
         if skel.tied_output and leaf == "weight":
             return "drop"  # re-tied at load, as in the reference's checkpoints
         return "copy"
-    if leaf != "weight" or module not in skel.linears:
+    kind = skel.kind_of(module) if leaf == "weight" else None
+    if kind is None:
+        return "copy"
+    kind, (out_f, in_f) = kind
+    if (kind == "expert" and not experts) or (kind == "router" and not routers) or kind == "block_gate":
+        container = _experts_container(module) if kind == "expert" else module
+        summary.not_converted.append(container)
+        if kind == "expert":
+            summary.experts_kept.append(container)
         return "copy"
     if matches_skip(module, skip):
-        summary.not_converted.append(module)
+        summary.not_converted.append(_experts_container(module) if kind == "expert" else module)
         return "copy"
-    out_f, in_f = skel.linears[module]
     if shape != (out_f, in_f):
         raise SinqCheckpointError(f"tensor {key!r} has shape {list(shape)}, the model expects [{out_f}, {in_f}]")
     if dtype not in _FLOAT_ST:
@@ -209,24 +308,51 @@ def _classify(key, dtype, shape, skel: _Skeleton, skip, summary: QuantizeSummary
     return module
 
 
-def _plan_items(handles, weight_map, skel, skip, summary) -> list[_Item]:
+def _plan_items(handles, weight_map, skel, skip, summary, experts=True, routers=False,
+                group_size=64, aux=True) -> list[_Item]:
     items = []
     for key in sorted(weight_map, key=_natural_key):
         if key.endswith(".W_q"):
             raise SinqCheckpointError(f"source already holds SINQ tensors ({key!r}); start from the full-precision model")
         dtype, shape = _tensor_meta(handles[weight_map[key]], key)
-        what = _classify(key, dtype, shape, skel, skip, summary)
+        what = _classify(key, dtype, shape, skel, skip, summary, experts, routers)
         if what == "drop":
             summary.dropped.append(key)
         elif what == "copy":
             items.append(_Item(key, weight_map[key], dtype, shape))
         else:
-            items.append(_Item(key, weight_map[key], dtype, shape, module=what))
+            aux_ok = True
+            if aux and what in skel.routers:
+                # A router has few rows (out_features = number of experts); quantAux needs
+                # R % 32 == 0, so such a gate is stored with fp16 scales and zeros instead.
+                g = effective_group_size(shape[1], group_size, what)
+                aux_ok = (shape[0] * shape[1] // g) % SCALE_TILE == 0
+                if not aux_ok:
+                    logger.info("router '%s': %d groups are not a multiple of %d; stored without quantAux",
+                                what, shape[0] * shape[1] // g, SCALE_TILE)
+            items.append(_Item(key, weight_map[key], dtype, shape, module=what, aux_ok=aux_ok))
     return items
 
 
-def _check_coverage(items: list[_Item], skel: _Skeleton, skip, summary: QuantizeSummary) -> None:
+def _check_coverage(items: list[_Item], skel: _Skeleton, skip, summary: QuantizeSummary, experts: bool = True) -> None:
     quantized = {it.module for it in items if it.module}
+    for container, info in skel.experts.items():
+        done = sum(1 for m in quantized if m.startswith(container + "."))
+        if 0 < done < info.num_experts * len(info.shapes):
+            # vLLM runs all experts of a layer with one method: all SINQ or all full precision
+            raise SinqConfigError(
+                f"--skip keeps only some experts of '{container}' in full precision ({done} of "
+                f"{info.num_experts * len(info.shapes)} expert projections would be quantized); skip all of them "
+                f"(--skip {container}) or none"
+            )
+    if experts:
+        keys = {it.key for it in items}
+        fused = [m for m in skel.experts if f"{m}.down_proj" in keys]
+        if fused:
+            # e.g. checkpoints that store the fused 3-D tensors: copied unchanged, vLLM loads them unquantized
+            logger.warning("%d MoE experts module(s) have no per-expert 2-D weights in the checkpoint and stay in "
+                           "full precision, e.g. %s", len(fused), fused[:3])
+            summary.experts_kept.extend(fused)
     if not quantized and not summary.not_converted:
         raise SinqCheckpointError(
             "no checkpoint tensor matches a Linear weight of the model architecture "
@@ -238,7 +364,9 @@ def _check_coverage(items: list[_Item], skel: _Skeleton, skip, summary: Quantize
         # e.g. weights the checkpoint names differently from the Transformers modules
         logger.warning("%d Linear module(s) have no weight in the checkpoint and stay as they are, e.g. %s",
                        len(absent), absent[:3])
-    unused = [p for p in skip if not any(matches_skip(m, [p]) for m in skel.linears)]
+    names = [*skel.linears, *skel.routers,
+             *(f"{c}.{e}.{p}" for c, info in skel.experts.items() for e in range(info.num_experts) for p in info.shapes)]
+    unused = [p for p in skip if not any(matches_skip(m, [p]) for m in names)]
     if unused:
         logger.warning("--skip pattern(s) %s match no Linear module", unused)
     if skel.output_module and not skel.tied_output:
@@ -250,7 +378,7 @@ def _specs_for(item: _Item, nbits: int, group_size: int, aux: bool) -> list[Tens
     if item.module is None:
         return [TensorSpec(item.key, item.dtype, item.shape)]
     out_f, in_f = item.shape
-    layout = quantized_layout(out_f, in_f, nbits, group_size, aux, item.module)
+    layout = quantized_layout(out_f, in_f, nbits, group_size, aux and item.aux_ok, item.module)
     return [TensorSpec(f"{item.module}.{k}", st_dtype(dt), shape) for k, (dt, shape) in layout.items()]
 
 
@@ -301,7 +429,7 @@ def _write_shard(out: Path, shard: Shard, handles, opts, summary, metas, bar) ->
                 summary.copied += 1
             else:
                 t0 = time.perf_counter()
-                q = quantize_weight_detailed(tensor, nbits, group_size, method, aux, name=item.module)
+                q = quantize_weight_detailed(tensor, nbits, group_size, method, aux and item.aux_ok, name=item.module)
                 summary.quantize_seconds += time.perf_counter() - t0
                 for k, v in q.tensors.items():
                     writer.write(f"{item.module}.{k}", v)
@@ -324,8 +452,15 @@ def quantize_model(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     progress: bool = True,
+    experts: bool = True,
+    routers: bool = False,
 ) -> QuantizeSummary:
     """Quantize every nn.Linear of a local HF safetensors model except the output head.
+
+    MoE models: ``experts=True`` quantizes the routed experts per expert (modules
+    ``...mlp.experts.{e}.gate_proj`` ...), ``experts=False`` keeps them in full precision.
+    Router gates stay in full precision unless ``routers=True`` (a gate whose group count
+    is not a multiple of 32 is then stored without quantAux).
 
     Writes the reference SINQ layout (shards, index, sidecar) plus a ``config.json``
     carrying ``quantization_config``, and copies tokenizer and generation files.
@@ -344,8 +479,10 @@ def quantize_model(
 
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(src / f, framework="pt")) for f in sorted(set(weight_map.values()))}
-        items = _plan_items(handles, weight_map, skel, skip, summary)
-        _check_coverage(items, skel, skip, summary)
+        items = _plan_items(handles, weight_map, skel, skip, summary, experts, routers, group_size, aux)
+        _check_coverage(items, skel, skip, summary, experts)
+        summary.not_converted = list(dict.fromkeys(summary.not_converted))
+        summary.experts_kept = list(dict.fromkeys(summary.experts_kept))
         shards = plan_shards(items, lambda it: _specs_for(it, nbits, group_size, aux), parse_size(max_shard_size))
         summary.source_size = sum(TensorSpec(it.key, it.dtype, it.shape).nbytes for it in items)
         _prepare_out_dir(out, overwrite)

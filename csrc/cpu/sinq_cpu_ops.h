@@ -1,0 +1,25 @@
+// Torch-facing entry points of the SINQ CPU kernels (registered in binding.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace sinq_cpu {
+
+// y[..., N] = SINQ linear of x[..., K] on the resident layout described in sinq_cpu_kernel.h.
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_zeros,
+                      const at::Tensor& col_scales, c10::IntArrayRef shard_offsets,
+                      const std::optional<at::Tensor>& bias, int64_t nbits, int64_t group_size);
+
+// Instruction set the kernels use in this process ("avx512bf16", "avx2" or "scalar").
+std::string isa_name();
+// Instruction sets this CPU can run, best first.
+std::vector<std::string> supported_isas();
+// Force an instruction set (tests, benchmarks); "auto" restores the best one. Returns the
+// ISA in use; throws if this CPU cannot run the one asked for.
+std::string set_isa(const std::string& name);
+
+}  // namespace sinq_cpu

@@ -1,0 +1,339 @@
+"""``sinq-vllm inspect DIR``: what a SINQ checkpoint holds and whether sinq-vllm can serve it.
+
+Reads only JSON files and safetensors headers (never tensor data, never a pickle), so it
+is instant on any model size. Reported:
+
+* the format (sharded safetensors + sidecar; a reference ``qmodel.pt`` that needs
+  ``sinq-vllm convert`` first), who wrote it (``quantization_config`` present or not)
+  and legacy traits (extra ``model.`` name prefix, unpacked ``W_q``);
+* per quantized module: bits, effective and declared group size, method, quantAux,
+  tiling, packing, shape, and why sinq-vllm cannot serve it if it cannot
+  (:meth:`LayerMeta.unsupported_reason`: 2D tiling, NF4/NF3, symmetric ``noz``, bits);
+* modules kept in full precision (2-D ``.weight`` tensors without SINQ codes);
+* bytes of codes, of scales/zeros/column scales and of everything else, the total, and
+  the model's estimated size in bf16 (every quantized weight at 2 bytes, every other
+  floating tensor at 2 bytes);
+* the verdict: servable, or the reasons why not (the unsupported layers and the first
+  error of the same front-end validation vLLM runs before loading).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from .errors import SinqCheckpointError, SinqError
+from .format.layer_meta import INDEX_NAME, SIDECAR_NAME, LayerMeta
+from .format.packing import planar_rows
+
+_ST_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "U16": 16, "I16": 16,
+            "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64, "C64": 64}
+_FLOAT_ST = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    shape: list[int]  # [out_features, in_features]
+    nbits: int | None = None
+    group_size: int | None = None  # effective (W_q.shape[1])
+    declared_group_size: int | None = None  # meta["group_size"]
+    method: str | None = None
+    aux: bool | None = None
+    tiling: str | None = None
+    packing: str | None = None
+    unpacked_codes: bool = False  # legacy: W_q stored unpacked although meta.packing says packed
+    code_bytes: int = 0
+    scale_bytes: int = 0
+    problem: str | None = None  # why sinq-vllm cannot serve this layer
+
+
+@dataclass
+class InspectReport:
+    path: str
+    format: str  # "sinq-safetensors" | "reference-pt" | "not-sinq"
+    architectures: list[str] = field(default_factory=list)
+    model_type: str | None = None
+    quantization_config: dict | None = None
+    written_by: str | None = None
+    legacy_model_prefix: bool = False
+    layers: list[LayerInfo] = field(default_factory=list)
+    unquantized_modules: list[str] = field(default_factory=list)
+    kinds: dict[str, int] = field(default_factory=dict)  # "4-bit g64 sinq_quantAux 1D" -> count
+    tensors: int = 0
+    code_bytes: int = 0
+    scale_bytes: int = 0
+    other_bytes: int = 0
+    total_bytes: int = 0
+    bf16_bytes: int = 0
+    bits_per_weight: float | None = None  # (codes + scales) per quantized weight
+    servable: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_header(path: str) -> dict[str, dict]:
+    """Tensor entries of one safetensors file (dtype, shape, data_offsets), header bytes only."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise SinqCheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER:
+            raise SinqCheckpointError(f"{path}: safetensors header of {n} bytes is implausibly large")
+        head = json.loads(f.read(n))
+    head.pop("__metadata__", None)
+    return head
+
+
+def _nbytes(entry: dict) -> int:
+    start, end = entry.get("data_offsets", (0, 0))
+    if end >= start and end > 0:
+        return end - start
+    return math.prod(entry["shape"]) * _ST_BITS.get(entry["dtype"], 8) // 8
+
+
+def _headers(model_dir: str) -> dict[str, dict]:
+    index = os.path.join(model_dir, INDEX_NAME)
+    if os.path.isfile(index):
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    entries: dict[str, dict] = {}
+    for fname in files:
+        path = os.path.join(model_dir, fname)
+        if not os.path.isfile(path):
+            raise SinqCheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
+        entries.update(_read_header(path))
+    return entries
+
+
+def _parse_metas(model_dir: str, raw: dict, report: InspectReport) -> dict[str, LayerMeta]:
+    from .checkpoint import _is_legacy_prefixed
+
+    path = os.path.join(model_dir, SIDECAR_NAME)
+    report.legacy_model_prefix = _is_legacy_prefixed(list(raw))
+    metas: dict[str, LayerMeta] = {}
+    for name, entry in raw.items():
+        try:
+            metas[name] = LayerMeta.from_sidecar(name, entry, path)
+        except SinqCheckpointError as e:
+            meta = entry.get("meta", {}) if isinstance(entry, dict) else {}
+            shape = meta.get("shape") if isinstance(meta, dict) else None
+            report.layers.append(LayerInfo(
+                name=name, shape=list(shape) if isinstance(shape, list) else [],
+                nbits=meta.get("nbits") if isinstance(meta, dict) else None,
+                method=meta.get("method") if isinstance(meta, dict) else None, problem=str(e)))
+    return metas
+
+
+def inspect_checkpoint(model_dir: str) -> InspectReport:
+    """Everything ``sinq-vllm inspect`` reports, as a dataclass (``to_json()`` for a dict)."""
+    model_dir = str(model_dir)
+    if not os.path.isdir(model_dir):
+        raise SinqCheckpointError(f"{model_dir}: not a folder")
+    report = InspectReport(path=model_dir, format="not-sinq")
+    cfg_path = os.path.join(model_dir, "config.json")
+    if os.path.isfile(cfg_path):
+        try:
+            cfg = _read_json(cfg_path)
+            report.architectures = list(cfg.get("architectures") or [])
+            report.model_type = cfg.get("model_type")
+            report.quantization_config = cfg.get("quantization_config")
+        except (OSError, ValueError) as e:
+            report.reasons.append(f"{cfg_path}: unreadable ({e})")
+    else:
+        report.reasons.append(f"{cfg_path} is missing (vLLM needs the model config)")
+
+    sidecar = os.path.join(model_dir, SIDECAR_NAME)
+    if not os.path.isfile(sidecar):
+        pts = sorted(f for f in os.listdir(model_dir) if f.endswith(".pt"))
+        if pts:
+            report.format = "reference-pt"
+            report.written_by = "reference SINQ AutoSINQHFModel.save_quantized (torch.save pickle)"
+            report.total_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in pts)
+            report.reasons.append(
+                f"{', '.join(pts)}: vLLM reads safetensors only; convert with `sinq-vllm convert {model_dir} OUT_DIR`"
+            )
+        else:
+            report.reasons.append(f"no {SIDECAR_NAME}: not a SINQ checkpoint")
+        return report
+
+    report.format = "sinq-safetensors"
+    qc = report.quantization_config
+    if isinstance(qc, dict) and qc.get("quant_method") == "sinq":
+        if "aux" in qc:
+            report.written_by = "sinq-vllm quantize"
+        elif "_extra_kwargs" in qc or "sinq_version" in qc:
+            report.written_by = "Transformers SinqConfig + save_pretrained"
+        else:
+            report.written_by = "a writer that sets quantization_config (quant_method 'sinq')"
+    else:
+        report.written_by = "reference SINQ save_quantized_safetensors (no quantization_config; detected by the sidecar)"
+    try:
+        raw = _read_json(sidecar)
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError("expected a non-empty JSON object")
+    except (OSError, ValueError) as e:
+        report.reasons.append(f"{sidecar}: unreadable ({e})")
+        return report
+    metas = _parse_metas(model_dir, raw, report)
+    try:
+        entries = _headers(model_dir)
+    except (OSError, ValueError, KeyError, SinqCheckpointError) as e:
+        report.reasons.append(f"cannot read the safetensors headers: {e}")
+        entries = {}
+    _account(report, metas, entries)
+    _verdict(report, model_dir)
+    return report
+
+
+def _account(report: InspectReport, metas: dict[str, LayerMeta], entries: dict[str, dict]) -> None:
+    prefix = "model." if report.legacy_model_prefix else ""
+    quantized_names = set(metas)
+    counted: set[str] = set()
+    for name, meta in metas.items():
+        info = LayerInfo(name=name, shape=[meta.out_features, meta.in_features], nbits=meta.nbits,
+                         group_size=meta.group_size, declared_group_size=meta.declared_group_size,
+                         method=meta.method, aux=meta.aux, tiling=meta.tiling, packing=meta.packing,
+                         problem=meta.unsupported_reason())
+        for key, entry in entries.items():
+            if not key.startswith(name + "."):
+                continue
+            rest = key[len(name) + 1:]
+            if rest == "W_q":
+                info.code_bytes += _nbytes(entry)
+                packed_rows = planar_rows(meta.grouped_rows, meta.packing)
+                if math.prod(entry["shape"]) == meta.out_features * meta.in_features and \
+                        entry["shape"][0] != packed_rows:
+                    info.unpacked_codes = True
+                counted.add(key)
+            elif rest.startswith("meta."):
+                info.scale_bytes += _nbytes(entry)
+                counted.add(key)
+        report.layers.append(info)
+        report.bf16_bytes += 2 * meta.out_features * meta.in_features
+        kind = f"{meta.nbits}-bit g{meta.group_size} {meta.method} {meta.tiling}"
+        report.kinds[kind] = report.kinds.get(kind, 0) + 1
+    report.layers.sort(key=lambda i: i.name)
+    report.code_bytes = sum(i.code_bytes for i in report.layers)
+    report.scale_bytes = sum(i.scale_bytes for i in report.layers)
+    for key, entry in entries.items():
+        if key in counted:
+            continue
+        n = _nbytes(entry)
+        report.other_bytes += n
+        report.bf16_bytes += n if entry["dtype"] not in _FLOAT_ST else math.prod(entry["shape"]) * 2
+        if key.endswith(".weight") and len(entry["shape"]) == 2:
+            module = key[: -len(".weight")]
+            if module not in quantized_names:
+                report.unquantized_modules.append(module[len(prefix):] if module.startswith(prefix) else module)
+    report.unquantized_modules.sort()
+    report.tensors = len(entries)
+    report.total_bytes = report.code_bytes + report.scale_bytes + report.other_bytes
+    weights = sum(m.out_features * m.in_features for m in metas.values())
+    if weights:
+        report.bits_per_weight = 8 * (report.code_bytes + report.scale_bytes) / weights
+
+
+def _merged_groups(names) -> list[list[str]]:
+    """Sibling modules vLLM merges into one layer (q/k/v, gate/up) that are all present."""
+    groups = []
+    for parts in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        parents = {n.rsplit(".", 1)[0] for n in names if n.rsplit(".", 1)[-1] == parts[0]}
+        for parent in sorted(parents):
+            members = [f"{parent}.{p}" for p in parts]
+            if all(m in names for m in members):
+                groups.append(members)
+    return groups
+
+
+def _verdict(report: InspectReport, model_dir: str) -> None:
+    bad = [layer for layer in report.layers if layer.problem]
+    for layer in bad[:5]:
+        report.reasons.append(f"'{layer.name}': {layer.problem}")
+    if len(bad) > 5:
+        report.reasons.append(f"... and {len(bad) - 5} more layer(s) that cannot be served")
+    by_name = {layer.name: layer for layer in report.layers}
+    for members in _merged_groups(set(by_name)):
+        kinds = {(by_name[m].nbits, by_name[m].group_size, by_name[m].aux) for m in members}
+        if len(kinds) > 1:
+            report.reasons.append(
+                f"{', '.join(members)} are merged into one vLLM layer but were quantized differently {sorted(kinds)}")
+    if not report.reasons:
+        try:
+            from .validation import validate_model_dir
+
+            validate_model_dir(model_dir)  # the front-end checks vLLM runs before loading
+        except ImportError:
+            pass
+        except SinqError as e:
+            report.reasons.append(str(e))
+    report.servable = not report.reasons
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def format_report(r: InspectReport, show_layers: bool = False) -> str:
+    lines = [f"{r.path}"]
+    lines.append(f"  format:        {r.format}" + (f" (written by {r.written_by})" if r.written_by else ""))
+    if r.architectures or r.model_type:
+        lines.append(f"  model:         {', '.join(r.architectures) or '?'} ({r.model_type or '?'})")
+    if r.legacy_model_prefix:
+        lines.append("  legacy:        tensor names carry an extra 'model.' prefix (reference commit 9a9812f)")
+    if r.format == "sinq-safetensors":
+        quantized = [layer for layer in r.layers if layer.nbits is not None]
+        lines.append(f"  quantized:     {len(quantized)} modules")
+        for kind, count in sorted(r.kinds.items()):
+            lines.append(f"                 {count:4d} x {kind}")
+        aux = Counter(layer.aux for layer in quantized if layer.aux is not None)
+        lines.append(f"  quantAux:      {aux.get(True, 0)} with 8-bit scales/zeros, {aux.get(False, 0)} with fp16")
+        fallback = [layer.name for layer in quantized
+                    if layer.declared_group_size and layer.group_size != layer.declared_group_size]
+        if fallback:
+            lines.append(f"  group fallback: {len(fallback)} module(s) use a smaller group than declared "
+                         f"(K not divisible), e.g. {fallback[0]}")
+        unpacked = [layer.name for layer in quantized if layer.unpacked_codes]
+        if unpacked:
+            lines.append(f"  legacy:        {len(unpacked)} module(s) store W_q unpacked, e.g. {unpacked[0]}")
+        shown = ", ".join(r.unquantized_modules[:6]) + (" ..." if len(r.unquantized_modules) > 6 else "")
+        lines.append(f"  full precision: {len(r.unquantized_modules)} 2-D weights" + (f" ({shown})" if shown else ""))
+        lines.append(f"  tensors:       {r.tensors}: codes {_mb(r.code_bytes)}, scales/zeros/column scales "
+                     f"{_mb(r.scale_bytes)}, other {_mb(r.other_bytes)}; total {_mb(r.total_bytes)}")
+        if r.bf16_bytes:
+            lines.append(f"  vs bf16:       {_mb(r.bf16_bytes)} estimated, {r.total_bytes / r.bf16_bytes:.2f}x"
+                         + (f"; {r.bits_per_weight:.2f} bits per quantized weight" if r.bits_per_weight else ""))
+        if show_layers:
+            lines.append("  layers:")
+            for layer in r.layers:
+                desc = (f"{layer.nbits}-bit g{layer.group_size}"
+                        + (f" (declared {layer.declared_group_size})"
+                           if layer.declared_group_size not in (None, layer.group_size) else "")
+                        + f" {layer.method} {layer.tiling} {layer.shape}") if layer.nbits is not None and \
+                    layer.group_size else f"{layer.method} {layer.shape}"
+                lines.append(f"    {layer.name}: {desc}" + (f"  <- {layer.problem}" if layer.problem else ""))
+    elif r.total_bytes:
+        lines.append(f"  size:          {_mb(r.total_bytes)}")
+    if r.servable:
+        lines.append("  sinq-vllm:     can serve it (vllm serve DIR; detected automatically)")
+    else:
+        lines.append("  sinq-vllm:     cannot serve it:")
+        lines.extend(f"    - {why}" for why in r.reasons)
+    return "\n".join(lines)
+
+
+__all__ = ["InspectReport", "LayerInfo", "format_report", "inspect_checkpoint"]

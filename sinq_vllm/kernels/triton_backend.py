@@ -1,0 +1,109 @@
+"""Triton backend: ``torch.ops.sinq_vllm.triton_linear`` on the shared GPU layout.
+
+The kernels live in ``triton_kernels/sinq_gemm.py`` (installed as
+``sinq_vllm.triton_kernels.sinq_gemm``): a split-K GEMV for decode, a group-factored
+tensor-core kernel for moderate M and a dequantizing tiled GEMM for large M, all with
+float zeros, the per-shard column scale and the bias fused (one launch per layer, plus a
+small fixed-order reduction when split-K is used). Resident layout: see
+``gpu_layout.py``.
+
+The op is a ``torch.library.custom_op`` with a fake (meta) implementation, so
+``torch.compile`` treats it as opaque and CUDA graphs capture its launches. On CPU
+tensors it runs the same kernels in Triton's interpreter (slow; tests and smoke runs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import KernelBackend, LayerSpec, SinqWeights
+from .gpu_layout import DEFAULT_ALIGN, layout_unsupported_reason, repack
+
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_import_error: str | None = None
+try:
+    import triton  # noqa: F401
+except ImportError as e:  # pragma: no cover - triton ships with torch on Linux
+    _import_error = f"triton is not installed ({e})"
+
+
+def kernel_module(device_type: str = "cuda"):
+    """The Triton kernel module; on CPU its interpreted instance."""
+    from sinq_vllm.triton_kernels import sinq_gemm  # noqa: PLC0415
+
+    return sinq_gemm.load_interpreted() if device_type == "cpu" else sinq_gemm
+
+
+@torch.library.custom_op("sinq_vllm::triton_linear", mutates_args=())
+def triton_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales_zeros: torch.Tensor,
+    col_scales: torch.Tensor,
+    blk: torch.Tensor,
+    bias: torch.Tensor | None,
+    nbits: int,
+    group_size: int,
+    out_features: int,
+) -> torch.Tensor:
+    """``x[M, K]`` -> ``[M, out_features]`` in ``x.dtype`` (layout: gpu_layout.py)."""
+    mod = kernel_module(x.device.type)
+    return mod.sinq_linear(x, qweight, scales_zeros, col_scales, blk, bias, nbits, group_size, out_features)
+
+
+@triton_linear.register_fake
+def _triton_linear_fake(x, qweight, scales_zeros, col_scales, blk, bias, nbits, group_size, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _interpreter_allowed() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TritonBackend(KernelBackend):
+    name = "triton"
+
+    def __init__(self, align: int = DEFAULT_ALIGN):
+        self.align = align
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if _import_error:
+            return _import_error
+        if not torch.cuda.is_available() and not _interpreter_allowed():
+            return "no CUDA device (TRITON_INTERPRET=1 runs the kernels in Triton's interpreter on CPU)"
+        return None
+
+    def unsupported_reason(self, spec: LayerSpec, act_dtype: torch.dtype, device: torch.device) -> str | None:
+        if device.type == "cpu" and not _interpreter_allowed():
+            return "runs on CUDA GPUs (on CPU only under TRITON_INTERPRET=1)"
+        if device.type not in ("cuda", "cpu"):
+            return f"runs on CUDA GPUs, not {device.type}"
+        if act_dtype not in ACT_DTYPES:
+            return f"activation dtype {act_dtype} (supported: bfloat16, float16, float32)"
+        if device.type == "cuda" and act_dtype == torch.bfloat16:
+            major, _ = torch.cuda.get_device_capability(device)
+            if major < 8:
+                return "bfloat16 tensor-core dots need compute capability 8.0+"
+        return layout_unsupported_reason(spec)
+
+    def prepare(self, weights: SinqWeights) -> dict[str, torch.Tensor]:
+        return repack(weights, self.align)
+
+    def apply(self, tensors, spec: LayerSpec, x, bias):
+        lead = x.shape[:-1]
+        y = torch.ops.sinq_vllm.triton_linear(
+            x.reshape(-1, spec.in_features),
+            tensors["qweight"],
+            tensors["scales_zeros"],
+            tensors["col_scales"],
+            tensors["blk"],
+            bias,
+            spec.nbits,
+            spec.group_size,
+            spec.out_features,
+        )
+        return y.reshape(*lead, spec.out_features)

@@ -1,0 +1,447 @@
+"""Checkpoints and outputs of the reference SINQ implementation (PyPI ``sinq==0.2.0``).
+
+Helper module for tests, not a test module. The reference code never runs in the test
+process: every call here starts ``python tests/reference_checkpoints.py COMMAND ARGS``
+in a subprocess with the environment the reference needs, and hands back folders and
+files that the tests compare with sinq-vllm (vLLM, our quantizer, our converter).
+
+Environment of the subprocess:
+
+* ``SINQ_AUTO_PATCH``: the wheel installs a top-level ``sitecustomize.py`` that patches
+  ``PreTrainedModel.save_pretrained/from_pretrained`` at every interpreter start unless
+  this is ``0``. The repo-API commands run with ``0``; the Transformers ``SinqConfig``
+  command runs with ``1``, exactly as a user with the wheel installed would.
+* ``datasets``: ``sinq.awq`` imports ``datasets.load_dataset`` at import time (through
+  ``sinq.quantizer -> sinq.optimize``) but calls it only to build A-SINQ calibration
+  data. The test environment does not install ``datasets`` (pyarrow + pandas); a stub
+  package on ``PYTHONPATH`` satisfies the import and raises if it is ever called.
+* offline: ``HF_HUB_OFFLINE=1``; tiny models are built locally by ``tiny_models``.
+
+Outputs are cached on disk under a key made of this file's source, ``tiny_models.py``'s
+source, the versions of sinq/torch/transformers and the request; the default cache is
+``<repo>/.cache/sinq-reference`` (git-ignored), override with ``SINQ_REFERENCE_CACHE``.
+
+Reference forward numerics: the reference loader (``from_quantized_safetensors``) is
+called with ``compute_dtype=float32``. Two of its quirks are neutralised so that it
+computes the exact float32 forward of its own checkpoint, as vLLM does:
+
+* ``Quantizer.dequantize`` casts to the ``compute_dtype`` stored in each layer's meta
+  (bf16 at quantization time) rather than the load-time dtype, which makes the matmul
+  fail with "float != BFloat16" (sinq-format.md §7); we set it to float32.
+* it restores the rotary ``inv_freq`` buffer saved in bf16 (Transformers itself never
+  loads that non-persistent buffer); we recompute it in float32 like Transformers and
+  vLLM do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REFERENCE_VERSION = "0.2.0"
+PROMPTS = (
+    "The quick brown fox",
+    "Once upon a time there was a little",
+    "In the beginning",
+)
+GREEDY_STEPS = 32
+_HERE = Path(__file__).resolve().parent
+_INSTALL_HINT = "pip install --no-deps -r requirements/reference.txt (scripts/setup_env.sh does this)"
+
+
+# ----------------------------------------------------------------------------------------
+# test-process side
+
+
+def skip_reason() -> str | None:
+    """Why the reference implementation cannot run here, or None."""
+    try:
+        version = importlib.metadata.version("sinq")
+    except importlib.metadata.PackageNotFoundError:
+        return f"the reference SINQ package is not installed ({_INSTALL_HINT})"
+    if version != REFERENCE_VERSION:
+        return f"sinq=={version} is installed; these tests pin the reference sinq=={REFERENCE_VERSION}"
+    for mod in ("termcolor", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} (imported by the reference sinq package) is missing ({_INSTALL_HINT})"
+    return None
+
+
+def cache_root() -> Path:
+    root = os.environ.get("SINQ_REFERENCE_CACHE")
+    return Path(root) if root else _HERE.parent / ".cache" / "sinq-reference"
+
+
+def _versions() -> dict:
+    out = {}
+    for dist in ("sinq", "torch", "transformers", "safetensors"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _key(request: dict) -> str:
+    h = hashlib.sha256()
+    for f in (Path(__file__).resolve(), _HERE / "tiny_models.py"):
+        h.update(f.read_bytes())
+    h.update(json.dumps({"versions": _versions(), "request": request}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _shim_dir() -> Path | None:
+    """A folder holding a stub ``datasets`` package, when the real one is not installed."""
+    if importlib.util.find_spec("datasets") is not None:
+        return None
+    d = cache_root() / "shim"
+    init = d / "datasets" / "__init__.py"
+    if not init.is_file():
+        init.parent.mkdir(parents=True, exist_ok=True)
+        tmp = init.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(
+            '"""Stub for sinq-vllm tests: sinq.awq imports load_dataset at import time, '
+            'for A-SINQ calibration only."""\n\n'
+            "def load_dataset(*args, **kwargs):\n"
+            "    raise RuntimeError('datasets is not installed in the sinq-vllm test environment "
+            "(A-SINQ calibration is not used by the tests)')\n"
+        )
+        os.replace(tmp, init)
+    return d
+
+
+def reference_env(autopatch: bool, threads: int | None = None) -> dict:
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.update(
+        SINQ_AUTO_PATCH="1" if autopatch else "0",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("SINQ_PTH_LOADED", None)
+    shim = _shim_dir()
+    paths = [str(shim)] if shim else []
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    else:
+        env.pop("PYTHONPATH", None)
+    return env
+
+
+def run_reference(command: str, args: dict, autopatch: bool = False, threads: int | None = None,
+                  timeout: float = 900) -> None:
+    """Run one command of this file in a fresh interpreter; raise with its output on failure."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), command, json.dumps(args)],
+        env=reference_env(autopatch, threads),
+        cwd=str(_HERE),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]).strip()
+        raise RuntimeError(f"reference command {command!r} failed (exit {proc.returncode}):\n{tail}")
+
+
+def _cached(name: str, request: dict, build) -> Path:
+    """``build(tmp_dir)`` once per distinct request; the finished folder is reused afterwards."""
+    final = cache_root() / f"{name}-{_key(request)}"
+    if (final / "COMPLETE").is_file():
+        return final
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    (tmp / "COMPLETE").write_text(json.dumps(request, sort_keys=True))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for stale in final.parent.glob(f"{name}-*"):  # older keys of the same artefact
+        if stale != final and len(stale.name) == len(final.name) and (stale / "COMPLETE").is_file():
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+@dataclass(frozen=True)
+class ReferenceOutputs:
+    """What the reference model computes for :data:`PROMPTS` (token ids with BOS)."""
+
+    prompt_ids: list  # list[list[int]]
+    logprobs: list  # list[Tensor [len(prompt), vocab]]: log-softmax of the next-token logits
+    greedy: list  # list[list[int]]: GREEDY_STEPS greedy tokens, EOS ignored
+    margins: list  # list[list[float]]: top-1 minus top-2 logit at each greedy step
+
+
+def load_outputs(path: Path) -> ReferenceOutputs:
+    d = torch.load(path, weights_only=True)
+    return ReferenceOutputs(d["prompt_ids"], d["logprobs"], d["greedy"], d["margins"])
+
+
+@dataclass(frozen=True)
+class RepoCheckpoints:
+    """One tiny model quantized once by the repo API, saved with both of its writers."""
+
+    arch: str
+    safetensors_dir: Path  # save_quantized_safetensors: shards + index + sidecar, no quantization_config
+    pt_dir: Path  # save_quantized: config.json + tokenizer + qmodel.pt
+    outputs: ReferenceOutputs  # the reference's float32 forward of safetensors_dir
+
+
+#: The repo-API checkpoints: (arch, nbits, group_size). Llama's down_proj (K=192) at g128
+#: takes the reference's tile fallback to g64; 3-bit uses the int32 planar packing.
+REPO_SPECS = (("qwen3", 4, 64), ("llama", 3, 128), ("qwen2", 4, 64))
+#: The Transformers SinqConfig checkpoint: Qwen2, so that the dropped q/k/v biases matter.
+HF_SPEC = ("qwen2", 4, 64)
+
+
+def repo_checkpoint(arch: str, nbits: int = 4, group_size: int = 64, seed: int = 0) -> RepoCheckpoints:
+    """A tiny ``arch`` model quantized on CPU by ``AutoSINQHFModel.quantize_model`` (method
+    "sinq" -> "sinq_quantAux", compute_dtype bf16) and saved with both writers."""
+    request = dict(kind="repo", arch=arch, nbits=nbits, group_size=group_size, seed=seed,
+                   prompts=list(PROMPTS), steps=GREEDY_STEPS)
+
+    def build(d: Path) -> None:
+        run_reference("repo", dict(request, tokenizer_dir=str(cache_root() / "tokenizer"), src=str(d / "src"),
+                                   safetensors=str(d / "safetensors"), pt=str(d / "pt"),
+                                   outputs=str(d / "outputs.pt")), threads=1)
+
+    d = _cached(f"repo-{arch}", request, build)
+    return RepoCheckpoints(arch, d / "safetensors", d / "pt", load_outputs(d / "outputs.pt"))
+
+
+def hf_checkpoint(arch: str, nbits: int = 4, group_size: int = 64, seed: int = 0) -> tuple[Path, ReferenceOutputs]:
+    """A tiny ``arch`` model quantized by Transformers with ``SinqConfig(nbits, group_size)``
+    (defaults otherwise: lm_head quantized, Linear biases dropped) and saved with the
+    patched ``save_pretrained``; outputs from the patched ``from_pretrained`` reload."""
+    request = dict(kind="hf", arch=arch, nbits=nbits, group_size=group_size, seed=seed,
+                   prompts=list(PROMPTS), steps=GREEDY_STEPS)
+
+    def build(d: Path) -> None:
+        run_reference("hf", dict(request, tokenizer_dir=str(cache_root() / "tokenizer"), src=str(d / "src"),
+                                 out=str(d / "hf"), outputs=str(d / "outputs.pt")), autopatch=True, threads=1)
+
+    d = _cached(f"hf-{arch}", request, build)
+    return d / "hf", load_outputs(d / "outputs.pt")
+
+
+def make_weight(case: dict) -> torch.Tensor:
+    """The deterministic weight of a layer-parity case (same bytes in both processes)."""
+    gen = torch.Generator().manual_seed(int(case["seed"]))
+    n, k = case["shape"]
+    dist = case.get("dist", "gauss")
+    if dist == "gauss":
+        w = 0.05 * torch.randn(n, k, generator=gen)
+    elif dist == "offset":  # every group one-signed: zeros outside [0, max_int]
+        w = 0.05 * torch.randn(n, k, generator=gen) + 0.2
+    elif dist.startswith("student_t"):  # heavy tails: kurtosis > 5, the reference gate fires
+        df = float(dist[len("student_t"):])
+        z = torch.randn(n, k, generator=gen)
+        chi2 = torch.randn(n, k, int(df), generator=gen).pow(2).sum(-1)
+        w = 0.02 * z / (chi2 / df).sqrt()
+    else:
+        raise ValueError(f"unknown weight distribution {dist!r}")
+    return w.to(getattr(torch, case.get("dtype", "bfloat16")))
+
+
+def _case(name, shape, nbits, group_size, aux=True, method="sinq", dist="gauss", dtype="bfloat16", seed=None):
+    seed = seed if seed is not None else int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    return dict(name=name, shape=list(shape), nbits=nbits, group_size=group_size, aux=aux, method=method,
+                dist=dist, dtype=dtype, seed=seed)
+
+
+#: Layer-parity cases: our quantize_weight vs the reference's per-Linear quantization.
+PARITY_CASES = (
+    [_case(f"b{b}_g{g}_{'aux' if aux else 'plain'}", (128, 384), b, g, aux)
+     for b in (2, 3, 4, 5, 6, 8) for g in (64, 128) for aux in (True, False)]
+    + [  # K not divisible by the group size: the reference halves the tile (meta keeps the request)
+        _case("oddk336_g64_aux", (64, 336), 4, 64), _case("oddk336_g64_plain", (64, 336), 4, 64, aux=False),
+        _case("oddk192_g128_aux", (128, 192), 3, 128), _case("oddk96_g64_aux", (64, 96), 5, 64),
+        _case("oddk400_g128_plain", (64, 400), 2, 128, aux=False),
+    ]
+    + [  # heavy tails: kurtosis > 5, the reference's gate quantizes with its RTN branch
+        _case(f"kurt_b{b}", (256, 384), b, 64, dist="student_t3") for b in (3, 4, 8)
+    ]
+    + [_case("kurt_b4_plain", (128, 256), 4, 128, aux=False, dist="student_t4")]
+    + [  # other inputs: fp32 / fp16 weights, one-signed groups (zeros outside [0, 15])
+        _case("fp32_in", (128, 384), 4, 64, dtype="float32"), _case("fp16_in", (128, 384), 4, 64, dtype="float16"),
+        _case("offset", (128, 384), 4, 64, dist="offset"),
+    ]
+    + [  # plain RTN: ours skips Sinkhorn, the reference's "rtn" runs it and multiplies back
+        _case(f"rtn_b{b}", (256, 384), b, 64, method="rtn") for b in (3, 4)
+    ]
+)
+
+
+def prefetch_all() -> None:
+    """Build every reference artefact the tests use, several reference processes at once.
+
+    Cached artefacts return at once; a cold cache costs about one reference process per
+    checkpoint kind (the reference quantizes in fp16 on CPU: ~10 s per tiny model).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tiny_models import make_tokenizer
+
+    if skip_reason():
+        return
+    make_tokenizer(cache_root() / "tokenizer")  # once, before processes share it
+    jobs = [lambda s=s: repo_checkpoint(*s) for s in REPO_SPECS]
+    jobs += [lambda: hf_checkpoint(*HF_SPEC), lambda: reference_layers(list(PARITY_CASES))]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for f in [pool.submit(j) for j in jobs]:
+            f.result()
+
+
+def reference_method(method: str, aux: bool) -> str:
+    """The method string the reference quantizes with for our (method, aux)."""
+    return f"{method}_quantAux" if aux else method
+
+
+def reference_layers(cases: list[dict]) -> Path:
+    """Quantize every case with the reference's per-layer path (``SINQLinear(nn.Linear,
+    quant_config, device="cpu")`` -> ``Quantizer.quantize``) and write the layers with the
+    reference's own ``save_weights_safetensors``. Returns the folder (index, shard(s), sidecar);
+    tensors are named ``<case name>.W_q`` etc."""
+    request = dict(kind="layers", cases=cases)
+    d = _cached("layers", request, lambda tmp: run_reference("layers", dict(request, out=str(tmp / "layers"))))
+    return d / "layers"
+
+
+# ----------------------------------------------------------------------------------------
+# reference-process side (runs with the sinq package; never imported by the tests' process)
+
+
+def _float32_reference(model) -> None:
+    """Make the reference loader's model compute its forward in float32 (see module doc)."""
+    from sinq.sinqlinear import SINQLinear
+
+    for module in model.modules():
+        if isinstance(module, SINQLinear) and isinstance(module.meta, dict):
+            module.meta["compute_dtype"] = torch.float32
+            module.compute_dtype = torch.float32
+            if module.bias is not None:
+                module.bias = module.bias.float()
+        elif type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
+            fresh = type(module)(config=module.config)  # Transformers' own float32 init
+            for name, buf in fresh.named_buffers(recurse=False):
+                module._buffers[name] = buf.float()
+            module.attention_scaling = fresh.attention_scaling
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        if p.is_floating_point() and p.dtype != torch.float32:
+            raise RuntimeError(f"reference tensor {name} is {p.dtype}, expected float32")
+
+
+@torch.no_grad()
+def _write_outputs(model, tokenizer, prompts, steps, path) -> None:
+    prompt_ids, logprobs, greedy, margins = [], [], [], []
+    for text in prompts:
+        ids = tokenizer(text).input_ids
+        prompt_ids.append(list(ids))
+        logits = model(torch.tensor([ids]), use_cache=False).logits[0].float()
+        logprobs.append(torch.log_softmax(logits, -1).contiguous())
+        seq, marg = list(ids), []
+        for _ in range(steps):  # full recompute each step: no KV-cache path involved
+            last = model(torch.tensor([seq]), use_cache=False).logits[0, -1].float()
+            top = torch.topk(last, 2)
+            marg.append(float(top.values[0] - top.values[1]))
+            seq.append(int(top.indices[0]))
+        greedy.append(seq[len(ids):])
+        margins.append(marg)
+    torch.save(dict(prompt_ids=prompt_ids, logprobs=logprobs, greedy=greedy, margins=margins), path)
+
+
+def _tiny_source(a: dict) -> Path:
+    from tiny_models import make_tiny_model, make_tokenizer
+
+    tok_dir = make_tokenizer(a["tokenizer_dir"])
+    return make_tiny_model(a["arch"], a["src"], tokenizer_dir=tok_dir, seed=a["seed"])
+
+
+def _cmd_repo(a: dict) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sinq.patch_model import AutoSINQHFModel
+    from sinq.sinqlinear import BaseQuantizeConfig
+
+    src = _tiny_source(a)
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    qc = BaseQuantizeConfig(nbits=a["nbits"], group_size=a["group_size"], tiling_mode="1D", method="sinq")
+    AutoSINQHFModel.quantize_model(model, tok, quant_config=qc, compute_dtype=torch.bfloat16, device="cpu")
+    AutoSINQHFModel.save_quantized_safetensors(model, tok, a["safetensors"])
+    AutoSINQHFModel.save_quantized(model, tok, a["pt"])
+    del model
+    ref = AutoSINQHFModel.from_quantized_safetensors(a["safetensors"], compute_dtype=torch.float32, device="cpu")
+    _float32_reference(ref)
+    _write_outputs(ref, tok, a["prompts"], a["steps"], a["outputs"])
+
+
+def _cmd_hf(a: dict) -> None:
+    if os.environ.get("SINQ_PTH_LOADED") != "1":
+        # the wheel's sitecustomize.py is shadowed (another sitecustomize earlier on sys.path):
+        # run the same start-up hook by hand
+        from sinq._autopatch import run
+
+        run()
+        if os.environ.get("SINQ_PTH_LOADED") != "1":
+            raise RuntimeError("sinq._autopatch.run() did not patch Transformers' from_pretrained/save_pretrained")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, SinqConfig
+
+    src = _tiny_source(a)
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=SinqConfig(nbits=a["nbits"], group_size=a["group_size"]), dtype=torch.bfloat16
+    )
+    model.save_pretrained(a["out"], tokenizer=tok)
+    tok.save_pretrained(a["out"])
+    del model
+    # the patched from_pretrained routes SINQ folders to AutoSINQHFModel.from_quantized_safetensors
+    # (no compute_dtype/device kwargs: the patched path forwards them twice and falls back to
+    # plain Transformers; on a CPU-only machine it uses float32 on "cpu" by default)
+    ref = AutoModelForCausalLM.from_pretrained(a["out"])
+    if not getattr(ref, "sinq_quantized", False):
+        raise RuntimeError("the patched from_pretrained did not load the SINQ checkpoint with the SINQ loader")
+    _float32_reference(ref)
+    _write_outputs(ref, tok, a["prompts"], a["steps"], a["outputs"])
+
+
+def _cmd_layers(a: dict) -> None:
+    from torch import nn
+
+    from sinq.patch_model import BaseSINQModel
+    from sinq.sinqlinear import BaseQuantizeConfig, SINQLinear
+
+    weights = {}
+    for case in a["cases"]:
+        w = make_weight(case)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+        lin.weight.data.copy_(w)
+        qc = BaseQuantizeConfig(nbits=case["nbits"], group_size=case["group_size"], method="dual")
+        qc["weight_quant_params"]["method"] = reference_method(case["method"], case["aux"])
+        layer = SINQLinear(lin, qc, compute_dtype=w.dtype, device="cpu")
+        weights[case["name"]] = layer.state_dict()
+    BaseSINQModel.save_weights_safetensors(weights, a["out"])
+
+
+_COMMANDS = {"repo": _cmd_repo, "hf": _cmd_hf, "layers": _cmd_layers}
+
+
+if __name__ == "__main__":
+    _cmd, _args = sys.argv[1], json.loads(sys.argv[2])
+    torch.manual_seed(0)
+    _COMMANDS[_cmd](_args)
