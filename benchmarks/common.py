@@ -263,19 +263,21 @@ def weights_on_disk(d: Path) -> int:
 # perplexity windows (one definition for vLLM and Transformers)
 # --------------------------------------------------------------------------------------
 
-def eval_windows(tokenizer_dir: Path, corpus: str, n_tokens: int, window: int) -> tuple[list[list[int]], int | None]:
+def eval_windows(tokenizer_dir: Path, corpus: str, n_tokens: int, window: int,
+                 strip_doc_tags: bool = True) -> tuple[list[list[int]], int | None]:
     """The first ``n_tokens`` tokens of a shipped corpus (tokenized without special tokens),
     cut into non-overlapping ``window``-token windows (a short last window is dropped).
 
     Returns ``(windows, bos_id)``. The caller puts BOS in front of every window and scores
     every window token (the BOS position itself is never scored): assets.md's protocol,
-    the same token ids for every variant and for both stacks."""
+    the same token ids for every variant and for both stacks. ``strip_doc_tags`` removes
+    wiki.utf8's WikiExtractor ``<doc ...>``/``</doc>`` lines (assets.md's baselines kept them)."""
     from transformers import AutoTokenizer
 
     from sinq_vllm.assets import read_corpus
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    text = read_corpus(corpus)
+    text = read_corpus(corpus, strip_doc_tags=strip_doc_tags)
     n_tokens = (n_tokens // window) * window
     if n_tokens <= 0:
         raise ValueError(f"need at least one window of {window} tokens")
@@ -347,6 +349,24 @@ def load_reference_dequant():
 # --------------------------------------------------------------------------------------
 # vLLM engine helpers
 # --------------------------------------------------------------------------------------
+
+def layer_bytes(model) -> dict:
+    """Resident bytes (parameters + buffers) of vLLM's linear layers (LinearBase: q/k/v/o,
+    gate/up/down; not the embedding or lm_head) and of the whole model. Runs in the vLLM
+    worker via ``LLM.apply_model`` (pickled by reference: this module must be importable there)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    lin = total = 0
+    dense = 0
+    for mod in model.modules():
+        own = sum(t.numel() * t.element_size() for t in list(mod.parameters(recurse=False))
+                  + list(mod.buffers(recurse=False)))
+        total += own
+        if isinstance(mod, LinearBase):
+            lin += own
+            dense += int(mod.input_size) * int(mod.output_size) * 2
+    return {"linear_bytes": lin, "model_bytes": total, "linear_bf16_equivalent": dense}
+
 
 def shutdown_engine(llm) -> None:
     import gc

@@ -82,16 +82,7 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------
 
 def corpus_windows(tokenizer_dir: Path, corpus: str, n_tokens: int, window: int, keep_tags: bool):
-    if corpus == "wiki" and keep_tags:
-        from sinq_vllm import assets
-
-        orig = assets.read_corpus
-        try:
-            assets.read_corpus = lambda name, strip_doc_tags=True: orig(name, strip_doc_tags=False)
-            return C.eval_windows(tokenizer_dir, corpus, n_tokens, window)
-        finally:
-            assets.read_corpus = orig
-    return C.eval_windows(tokenizer_dir, corpus, n_tokens, window)
+    return C.eval_windows(tokenizer_dir, corpus, n_tokens, window, strip_doc_tags=not keep_tags)
 
 
 def vllm_eval(model_dir: Path, quantization: str | None, windows: dict, bos, window: int) -> dict:

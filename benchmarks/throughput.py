@@ -25,6 +25,9 @@ Finally it runs vLLM's own benchmark CLI on the SINQ checkpoint and records its
 "Throughput:" line:
 
     vllm bench throughput --model DIR --quantization sinq --input-len 64 --output-len 32 --num-prompts 8
+        --random-input-len 64 --random-output-len 32
+
+(the last two because vLLM 0.32's random dataset otherwise uses its own 1024/128 defaults).
 
     python benchmarks/throughput.py [--batch-sizes 1,16,64] [--new-tokens 64] [--qwen3]
                                     [--compile] [--no-cli] [--cli-all]
@@ -160,23 +163,6 @@ def make_awq(bf16_dir: Path, out: Path, group: int) -> Path:
 # --------------------------------------------------------------------------------------
 # worker: one engine, in its own process
 
-def layer_bytes(model) -> dict:
-    """Resident bytes (parameters + buffers) of vLLM's linear layers (LinearBase: q/k/v/o,
-    gate/up/down; not the embedding or lm_head) and of the whole model; runs in the worker."""
-    from vllm.model_executor.layers.linear import LinearBase
-
-    lin = total = 0
-    dense = 0
-    for mod in model.modules():
-        own = sum(t.numel() * t.element_size() for t in list(mod.parameters(recurse=False))
-                  + list(mod.buffers(recurse=False)))
-        total += own
-        if isinstance(mod, LinearBase):
-            lin += own
-            dense += int(mod.input_size) * int(mod.output_size) * 2
-    return {"linear_bytes": lin, "model_bytes": total, "linear_bf16_equivalent": dense}
-
-
 def worker(spec: dict, result_file: str) -> int:
     import statistics  # noqa: F401
 
@@ -191,7 +177,7 @@ def worker(spec: dict, result_file: str) -> int:
     res: dict = {"load_s": time.perf_counter() - t0}
     res.update(C.kv_cache_info(llm))
     try:
-        res["mem"] = llm.apply_model(layer_bytes)[0]
+        res["mem"] = llm.apply_model(C.layer_bytes)[0]
         if spec["quantization"] == "sinq":
             from sinq_vllm.memory import sinq_weight_bytes
 
@@ -257,10 +243,13 @@ def run_engine(spec: dict, work: Path, label: str) -> dict:
 def run_cli(model_dir: Path, quantization: str | None, work: Path, label: str) -> dict:
     """`vllm bench throughput` (random dataset) as a subprocess; its Throughput line."""
     exe = shutil.which("vllm") or str(Path(sys.executable).parent / "vllm")
-    cmd = [exe, "bench", "throughput", "--model", str(model_dir), "--input-len", "64",
-           "--output-len", "32", "--num-prompts", "8"]
+    cmd = [exe, "bench", "throughput", "--model", str(model_dir)]
     if quantization:
         cmd += ["--quantization", quantization]
+    # vLLM 0.32: with the (default) random dataset, --input-len/--output-len lose against
+    # --random-input-len/--random-output-len, whose defaults are 1024/128; pass both.
+    cmd += ["--input-len", "64", "--output-len", "32", "--num-prompts", "8",
+            "--random-input-len", "64", "--random-output-len", "32"]
     log_path = work / f"cli-{label}.txt"
     t0 = time.perf_counter()
     try:
@@ -383,7 +372,10 @@ def markdown(models: list[dict], args, machine: str, elapsed: float) -> str:
         for name, c in clis:
             out += [f"`{c['cmd']}` ({name}, {c['seconds']:.0f} s, rc {c['rc']}):", "",
                     "    " + (c["line"] or "no Throughput line; tail of the log:\n" + (c["tail"] or "")), ""]
-        out += ["(random dataset; vLLM's own timing includes scheduling of all 8 prompts at once.)", ""]
+        out += ["(random dataset, vLLM's defaults otherwise: torch.compile, multi-process engine; its timing "
+                "covers all 8 prompts scheduled at once, prefill included. In vLLM 0.32 `--input-len/--output-len` "
+                "alone are overridden by the random dataset's `--random-input-len/--random-output-len` defaults "
+                "(1024/128), so both are passed.)", ""]
     out += ["Noise: measured on a shared machine; the ratios come from engines run back to back in "
             "one invocation.", ""]
     return "\n".join(out)

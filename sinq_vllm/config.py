@@ -160,10 +160,14 @@ class SinqConfig(QuantizationConfig):
             self.bias_names = {(renamer.map_name(n) or n) for n in self.bias_names}
 
     def get_checkpoint_weight_mapper(self):
-        mapper = super().get_checkpoint_weight_mapper()
-        if self.legacy_model_prefix:
-            from vllm.model_executor.models.utils import WeightsMapper
+        from vllm.model_executor.models.utils import WeightsMapper
 
+        # The reference writer also saves the rotary buffer `original_inv_freq`, which
+        # vLLM's own mapper (it drops `inv_freq` only) would try to load.
+        mapper = super().get_checkpoint_weight_mapper() | WeightsMapper(
+            orig_to_new_substr={"rotary_emb.original_inv_freq": None}
+        )
+        if self.legacy_model_prefix:
             mapper = mapper | WeightsMapper(orig_to_new_prefix={"model.model.": "model.", "model.lm_head.": "lm_head."})
         return mapper
 

@@ -740,6 +740,37 @@ def test_fuzzed_checkpoints_fail_cleanly(fuzz_bases, tmp_path):
     assert total >= MIN_CASES and len(classes) >= MIN_CLASSES, (total, sorted(classes))
 
 
+def test_hub_snapshot_may_lack_shards_a_local_folder_may_not(fuzz_bases, tmp_path):
+    """A Hub cache snapshot gets its weights after the front end runs: listed shards that are
+    not there yet are skipped (and reported); in a local folder they are an error."""
+    from sinq_vllm.checkpoint import read_layer_metas
+    from sinq_vllm.errors import SinqCheckpointError
+    from sinq_vllm.validation import validate_checkpoint
+
+    ckpt = Path(shutil.copytree(fuzz_bases["llama-w4-aux-3shards"], tmp_path / "snap"))
+    shard = sorted(set(json.loads((ckpt / INDEX).read_text())["weight_map"].values()))[1]
+    (ckpt / shard).unlink()
+    metas = read_layer_metas(str(ckpt))
+    report = validate_checkpoint(str(ckpt), metas, require_shards=False)
+    assert report.skipped_shards == [shard] and report.shards == 2
+    with pytest.raises(SinqCheckpointError, match=re.escape(shard) + ".*does not exist"):
+        validate_checkpoint(str(ckpt), metas, require_shards=True)
+
+
+SMOLLM2_SINQ = Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-135m-instruct-sinq-w4g64"
+
+
+@pytest.mark.skipif(not (SMOLLM2_SINQ / SIDECAR).is_file(), reason="no SmolLM2 SINQ artifact (run `make demo`)")
+def test_real_checkpoint_validates_from_headers_only():
+    from sinq_vllm.validation import validate_model_dir
+
+    report = validate_model_dir(str(SMOLLM2_SINQ))
+    data = sum(p.stat().st_size for p in SMOLLM2_SINQ.glob("*.safetensors"))
+    print(f"\nSmolLM2 SINQ: {report.sinq_layers} layers, {report.tensors} tensors validated in "
+          f"{report.seconds * 1e3:.1f} ms, {report.header_bytes} header bytes read of {data} bytes of shards")
+    assert report.sinq_layers > 0 and report.header_bytes < data / 100
+
+
 def _selftest_worker_main(argv: list[str]) -> None:
     """A stand-in worker whose cases pass, hang and kill the interpreter (harness self-test)."""
     args = json.loads(argv[0])

@@ -46,7 +46,10 @@ only when the kernels run in the interpreter (so the GPU code is unaffected):
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -145,7 +148,7 @@ def _store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, m_ok, n_out, n_ok, M, N, 
         tl.store(ptrs, acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET", "SPLIT_K"])
 def _sinq_gemv_kernel(
     x_ptr, qw_ptr, sz_ptr, t_ptr, blk_ptr, bias_ptr, out_ptr,
     M, N, K, N_pad, stride_xm, stride_om, M_BUCKET, SPLIT_K,
@@ -184,7 +187,7 @@ def _sinq_gemv_kernel(
     _store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, m_ok, n_out, n_ok, M, N, stride_om, SPLIT, HAS_BIAS, INTERPRET)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET", "SPLIT_K"])
 def _sinq_gemm_kernel(
     x_ptr, qw_ptr, sz_ptr, t_ptr, blk_ptr, bias_ptr, out_ptr,
     M, N, K, N_pad, stride_xm, stride_om, M_BUCKET, SPLIT_K,
@@ -361,11 +364,10 @@ def candidate_configs(path: str, m: int, group: int, align: int, k: int) -> list
             out = [Config(bm, bn, 16, 4, 3) for bn in (32, 64, 128)]
     else:
         for bmm in ((bm,) if bm == 64 else (64, 128)):
-            for bn in (64, 128, 256):
-                for bk in (32, 64):
-                    for w, st in ((4, 3), (4, 4), (8, 3), (8, 4)):
-                        if bmm * bn <= 128 * 128 or w == 8:
-                            out.append(Config(bmm, bn, bk, w, st))
+            for bn in (64, 128):
+                for w, st in ((4, 3), (4, 4), (8, 3), (8, 4)):
+                    out.append(Config(bmm, bn, 32, w, st))
+            out.append(Config(bmm, 128, 64, 8, 2))
     out = [c for c in out if align % c.block_n == 0 and c.block_n <= align]
     return out or [default_config(path, m, group, align, k)]
 
@@ -380,10 +382,16 @@ def default_config(path: str, m: int, group: int, align: int, k: int) -> Config:
         return Config(16, bn, min(32, bk_cap), 1, 1)
     bn_cap = min(align, 128)
     if path == "gemv":
-        return Config(min(_pow2_ceil(m), 4), min(bn_cap, 128), min(64, bk_cap), 4, 2)
+        bm = min(_pow2_ceil(m), 4)
+        return Config(bm, min(bn_cap, 128), min(64 if bm == 1 else 32, bk_cap), 4, 2)
+    # register use checked by compiling for sm_90 (cuobjdump --dump-resource-usage): these
+    # defaults do not spill; e.g. dequant 128x128x64 with 4 warps or factored 64x64x64
+    # with 4 warps do.
     if path == "factored":
-        return Config(_block_m(path, m), min(bn_cap, 64), min(64, bk_cap), 4, 3)
-    return Config(_block_m(path, m), bn_cap, 32 if group % 32 else 64, 8 if bn_cap >= 128 else 4, 3)
+        bm = _block_m(path, m)
+        return Config(bm, min(bn_cap, 64), min(64, bk_cap), 4 if bm <= 32 else 8, 3)
+    bm = _block_m(path, m)
+    return Config(bm, bn_cap, 32, 8 if bm == 128 else 4, 3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -536,6 +544,7 @@ def compile_for_target(path: str, act_dtype: torch.dtype, nbits: int, group: int
 # --------------------------------------------------------------------------------------
 
 _INTERPRETED = None
+_LOAD_LOCK = threading.Lock()
 
 
 def load_interpreted():
@@ -544,12 +553,11 @@ def load_interpreted():
     ``triton.jit`` decides interpreted vs compiled when a kernel is *decorated*, so the
     module is executed once more with ``TRITON_INTERPRET=1`` set only for that import;
     the compiled kernels of this module (GPU) are left alone and the variable is restored.
+    The kernels call no ``triton.language`` function that is itself a ``@triton.jit``
+    function (see ``_sum``), so this works even when triton was imported without the
+    variable.
     """
     global _INTERPRETED
-    import importlib.util  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-    import threading  # noqa: PLC0415
-
     if interpreting():
         return sys.modules[__name__]
     with _LOAD_LOCK:
@@ -566,12 +574,7 @@ def load_interpreted():
                     os.environ.pop("TRITON_INTERPRET", None)
                 else:
                     os.environ["TRITON_INTERPRET"] = old
-            assert mod.interpreting(), "triton did not build interpreted kernels"
+            if not mod.interpreting():
+                raise RuntimeError("triton did not build interpreted kernels under TRITON_INTERPRET=1")
             _INTERPRETED = mod
-    del threading
     return _INTERPRETED
-
-
-import threading as _threading  # noqa: E402
-
-_LOAD_LOCK = _threading.Lock()

@@ -25,6 +25,8 @@
 //   index, so the result is unchanged). 8-bit: chunks of 16, k = 16c + 4j + i, one step.
 // * The column scale t of the warp's shard (every 128-column block lies in one shard) is
 //   applied to x in registers: no separate activation-scaling kernel and no extra launch.
+//   (Large M runs the Triton kernels, which multiply each A tile by its shard's t the same
+//   way, so no activation-scaling kernel exists at all.)
 // * Memory: every weight word is read by exactly one lane, with cache-streaming loads, in
 //   fully used 32-byte sectors; a register ring prefetches STAGES chunks ahead. Each warp
 //   owns 32 columns and a K slice; split-K partials go to an fp32 buffer that a second
