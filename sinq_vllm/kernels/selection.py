@@ -76,10 +76,17 @@ def select_backend(spec: LayerSpec, act_dtype: torch.dtype, device: torch.device
             _log_choice(name, spec, act_dtype, device, rejected)
             return backend
         rejected.append(f"{name}: {reason}")
+    usable = [n for n in _BACKENDS if n not in candidates and _fits(n, spec, act_dtype, device)]
+    hint = f"; backends that can run it: {', '.join(usable)} (or {ENV_VAR}=auto)" if usable else ""
     raise SinqConfigError(
         f"no SINQ kernel backend can run layer '{layer_name}' ({spec.nbits}-bit, group {spec.group_size}, "
-        f"{act_dtype}, {device.type}; {ENV_VAR}={requested}): " + "; ".join(rejected)
+        f"{act_dtype}, {device.type}; {ENV_VAR}={requested}): " + "; ".join(rejected) + hint
     )
+
+
+def _fits(name: str, spec: LayerSpec, act_dtype, device) -> bool:
+    backend, _ = _load(name)
+    return backend is not None and backend.unsupported_reason(spec, act_dtype, device) is None
 
 
 def _log_choice(name, spec: LayerSpec, act_dtype, device, rejected) -> None:
