@@ -438,11 +438,23 @@ def machine_info() -> str:
             f"at the start; torch {torch.__version__}, vLLM {vllm_v}, Python {platform.python_version()}")
 
 
+def command_line(script: str) -> str:
+    """How this script was invoked, for the results file."""
+    return " ".join(["python", f"benchmarks/{script}"] + sys.argv[1:])
+
+
+def rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def write_result(name: str, text: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / name
     p.write_text(text if text.endswith("\n") else text + "\n")
-    log(f"wrote {p.relative_to(REPO)}")
+    log(f"wrote {rel(p)}")
     return p
 
 

@@ -193,7 +193,7 @@ def markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
     out = ["# Quality: perplexity of SINQ vs RTN checkpoints served by vLLM", ""]
     out += [
         f"- machine: {machine}",
-        f"- command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`".rstrip() + f" ({elapsed / 60:.1f} min)",
+        f"- command: `{C.command_line('quality.py')}` ({elapsed / 60:.1f} min)",
         f"- protocol: first {args.tokens} tokens of each corpus (no special tokens), non-overlapping "
         f"{args.window}-token windows, BOS put in front of every window, every window token scored; "
         "the same token ids for every variant. vLLM bf16 engine, `SamplingParams(max_tokens=1, "
@@ -314,7 +314,7 @@ def plot(results: list[dict], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    C.log(f"wrote {path.relative_to(C.REPO)}")
+    C.log(f"wrote {C.rel(path)}")
     return True
 
 

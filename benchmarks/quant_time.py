@@ -124,7 +124,7 @@ def markdown(runs: list[dict], base: dict | None, args, src: Path, machine: str,
         "# Quantization time: SINQ vs RTN",
         "",
         f"- machine: {machine}",
-        f"- command: `python benchmarks/quant_time.py {' '.join(a for a in sys.argv[1:])}`".rstrip()
+        f"- command: `{C.command_line('quant_time.py')}`"
         + f" ({elapsed / 60:.1f} min)",
         f"- model: `{src.name}` ({med[methods[0]]['layers']} Linear layers quantized), {args.nbits}-bit, "
         f"group {args.group_size}, {aux}; torch threads in the child: {runs[0]['threads']}",
@@ -150,9 +150,11 @@ def markdown(runs: list[dict], base: dict | None, args, src: Path, machine: str,
             "they still run the reference's Sinkhorn round trip (to match it bit for bit), so they cost "
             "SINQ time.",
             "",
-            "Reading this: the reference paper/DESIGN §6 quotes SINQ at about 1.1x RTN, but the "
-            "reference's RTN path runs the Sinkhorn normalization too (its `quantize_dual_scale_shift` "
-            "is shared) and it runs on a GPU. Our RTN baseline is plain min-max RTN without Sinkhorn, "
+            "Reading this: DESIGN §6 quotes about 1.1x RTN for the reference, a figure from secondary "
+            "summaries of the paper whose wording is inconsistent (sinq-format.md §5); the reference's "
+            "RTN branch of `quantize_dual_scale_shift` also runs the Sinkhorn normalization (and "
+            "multiplies it back), so that comparison does not isolate Sinkhorn's cost. Our RTN baseline "
+            "is plain min-max RTN without Sinkhorn, "
             "and on CPU the Sinkhorn iterations (up to 16 rounds of row and column standard deviations "
             "over every weight tile) are the extra cost: the ratio here is the price of the Sinkhorn "
             "step on this CPU against the cheapest possible baseline. "

@@ -30,7 +30,7 @@ Finally it runs vLLM's own benchmark CLI on the SINQ checkpoint and records its
 (the last two because vLLM 0.32's random dataset otherwise uses its own 1024/128 defaults).
 
     python benchmarks/throughput.py [--batch-sizes 1,16,64] [--new-tokens 64] [--qwen3]
-                                    [--compile] [--no-cli] [--cli-all]
+                                    [--repeats 3] [--rounds 1] [--compile] [--no-cli] [--cli-all]
 
 Writes benchmarks/results/throughput.md and throughput.png.
 """
@@ -61,7 +61,10 @@ def parse_args(argv=None):
     ap.add_argument("--batch-sizes", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence (default 32)")
     ap.add_argument("--new-tokens", type=int, default=64, help="generated tokens per sequence (default 64)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed repeats per batch size, best kept (default 2)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per batch size, best kept (default 3)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the engines this many times, interleaved (bf16, sinq, awq, bf16, ...), best kept; "
+                         "2 or more on a busy machine (default 1)")
     ap.add_argument("--group-size", type=int, default=64, help="SINQ and AWQ group size (default 64)")
     ap.add_argument("--qwen3", action="store_true", help="also a random Qwen3-0.6B-shaped model")
     ap.add_argument("--qwen3-layers", type=int, default=28)
@@ -284,11 +287,12 @@ def markdown(models: list[dict], args, machine: str, elapsed: float) -> str:
         "# Throughput: SINQ int4 vs bf16 vs AWQ int4 in vLLM (offline `LLM.generate`)",
         "",
         f"- machine: {machine}",
-        f"- command: `python benchmarks/throughput.py {' '.join(sys.argv[1:])}`".rstrip() + f" ({elapsed / 60:.1f} min)",
+        f"- command: `{C.command_line('throughput.py')}` ({elapsed / 60:.1f} min)",
         f"- {args.prompt_len}-token prompts, {args.new_tokens} new tokens per sequence (`ignore_eos`), greedy; "
         "decode tok/s = (generated tokens - 1 per sequence) / (last token - first token), from vLLM's "
         f"engine-core timestamps (`RequestOutput.metrics`) of one `generate` call; best of {args.repeats} "
-        "after a warm-up; every engine in a fresh process (vLLM's default process layout), one at a time"
+        f"after a warm-up{f', over {args.rounds} interleaved rounds' if args.rounds > 1 else ''}; every engine "
+        "in a fresh process (vLLM's default process layout), one at a time"
         + ("; torch.compile" if args.compile else "; `enforce_eager=True`") + ".",
         f"- SINQ: 4-bit, group {args.group_size}, quantAux, this plugin. AWQ: 4-bit, group {args.group_size}, "
         "AutoAWQ GEMM layout (RTN weights), vLLM's own AWQ path. bf16: the unquantized model.",
@@ -385,26 +389,42 @@ def plot(models: list[dict], args, path: Path) -> bool:
     plt = C.pyplot()
     if plt is None:
         return False
+    from matplotlib.ticker import LogFormatter
+
     bss = [int(b) for b in args.batch_sizes.split(",")]
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    colors = {"bf16": "k", "sinq": "tab:red", "awq": "tab:green"}
-    for ax, m in zip(axes[0], models):
-        labels = [lb for lb, r in m["engines"].items() if "batches" in r]
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
+    colors = {"bf16": "0.3", "sinq": "tab:red", "awq": "tab:green"}
+    for row, m in zip(axes, models):
+        eng = {lb: r for lb, r in m["engines"].items() if "batches" in r}
+        labels = list(eng)
         width = 0.8 / max(len(labels), 1)
+        base = eng.get("bf16")
         for i, lb in enumerate(labels):
-            vals = [m["engines"][lb]["batches"][str(bs)]["decode_tok_s"] for bs in bss]
             xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(bss))]
-            ax.bar(xs, vals, width, label=lb, color=colors.get(lb))
-        ax.set_xticks(range(len(bss)), [f"batch {b}" for b in bss])
-        ax.set_yscale("log")
-        ax.set_ylabel("decode tokens/s (log)")
-        ax.set_title(f"{m['name']}: vLLM CPU decode")
-        ax.legend()
-        ax.grid(True, axis="y", which="both", alpha=0.3)
+            vals = [eng[lb]["batches"][str(bs)]["decode_tok_s"] for bs in bss]
+            row[0].bar(xs, vals, width, label=lb, color=colors.get(lb))
+            if base:
+                ratios = [v / base["batches"][str(bs)]["decode_tok_s"] for v, bs in zip(vals, bss)]
+                bars = row[1].bar(xs, ratios, width, label=lb, color=colors.get(lb))
+                for rect, v in zip(bars, ratios):
+                    row[1].annotate(f"{v:.2f}", (rect.get_x() + rect.get_width() / 2, v), ha="center",
+                                    va="bottom", fontsize=7)
+        row[0].set_yscale("log")
+        row[0].yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        row[0].yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        row[0].set_ylabel("decode tokens/s (log)")
+        row[0].set_title(f"{m['name']}: vLLM CPU decode")
+        row[1].axhline(1.0, color="k", linewidth=0.8)
+        row[1].set_ylabel("decode speed vs bf16")
+        row[1].set_title(f"{m['name']}: ratio to bf16 (same run)")
+        for ax in row:
+            ax.set_xticks(range(len(bss)), [f"batch {b}" for b in bss])
+            ax.legend(fontsize=8)
+            ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    C.log(f"wrote {path.relative_to(C.REPO)}")
+    C.log(f"wrote {C.rel(path)}")
     return True
 
 
@@ -414,22 +434,34 @@ def bench_model(name: str, bf16: Path, has_tok: bool, vocab: int, args, work: Pa
     sinq, _ = C.quantized_checkpoint(bf16, C.QuantSpec("sinq", 4, args.group_size, True), name=name)
     awq = make_awq(bf16, C.artifacts_dir("bench") / f"{name}-awq-w4g{args.group_size}", args.group_size)
     dirs = {"bf16": (bf16, None), "sinq": (sinq, "sinq"), "awq": (awq, "awq")}
-    engines = {}
-    for label in [e for e in args.engines.split(",") if e]:
-        d, q = dirs[label]
-        spec = {"model": str(d), "quantization": q, "batch_sizes": [int(b) for b in args.batch_sizes.split(",")],
-                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                "compile": args.compile, "has_tokenizer": has_tok, "vocab": vocab}
-        C.log(f"[{name}] {label}: {d.name} ...")
-        try:
-            engines[label] = run_engine(spec, work, f"{name}-{label}")
-            r = engines[label]
-            C.log(f"    load {r['load_s']:.1f} s; " + ", ".join(
-                f"bs {bs}: {v['decode_tok_s']:.1f} tok/s" for bs, v in r["batches"].items()))
-        except Exception as e:  # noqa: BLE001 - report the failure, keep the other engines
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            engines[label] = {"error": f"failed: {first}"}
-            C.log(f"    {label} failed: {e}")
+    engines: dict = {}
+    labels = [e for e in args.engines.split(",") if e]
+    for rnd in range(args.rounds):  # rounds interleave the engines: bf16, sinq, awq, bf16, ...
+        for label in labels:
+            d, q = dirs[label]
+            spec = {"model": str(d), "quantization": q,
+                    "batch_sizes": [int(b) for b in args.batch_sizes.split(",")],
+                    "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                    "compile": args.compile, "has_tokenizer": has_tok, "vocab": vocab}
+            C.log(f"[{name}] {label}: {d.name}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else "")
+                  + " ...")
+            try:
+                r = run_engine(spec, work, f"{name}-{label}")
+                C.log(f"    load {r['load_s']:.1f} s; " + ", ".join(
+                    f"bs {bs}: {v['decode_tok_s']:.1f} tok/s" for bs, v in r["batches"].items()))
+            except Exception as e:  # noqa: BLE001 - report the failure, keep the other engines
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                C.log(f"    {label} failed: {e}")
+                engines.setdefault(label, {"error": f"failed: {first}"})
+                continue
+            prev = engines.get(label)
+            if prev is None or "batches" not in prev:
+                engines[label] = r
+            else:  # keep the best round per batch size
+                for bs, v in r["batches"].items():
+                    if v["decode_tok_s"] > prev["batches"][bs]["decode_tok_s"]:
+                        prev["batches"][bs] = v
+                prev["wall_s"] += r["wall_s"]
     res = {"name": name, "engines": engines, "kv_bytes_per_token": kv_bytes_per_token(bf16), "cli": []}
     if not args.no_cli and has_tok:
         targets = [("sinq", sinq, "sinq")]
