@@ -22,7 +22,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest -ra
 
-# Quality, quantization time and throughput tables (benchmarks/README.md), ~20 min on 2 cores.
+# Quality, quantization time and throughput tables in benchmarks/results/ (benchmarks/README.md);
+# about 15 min on 2 CPU cores.
 bench: $(STAMP)
 	SINQ_AUTO_PATCH=0 $(PY) benchmarks/quality.py
 	SINQ_AUTO_PATCH=0 $(PY) benchmarks/quant_time.py

@@ -238,6 +238,7 @@ def linear_bits_per_weight(ckpt: Path) -> dict:
     if side.is_file():
         meta = json.loads(side.read_text())
         nbytes = nweights = 0
+        groups: dict[int, int] = {}  # effective group size (W_q columns) -> weights
         for mod, entry in meta.items():
             m = entry.get("meta", entry)
             n, k = (int(v) for v in m["shape"])
@@ -245,7 +246,11 @@ def linear_bits_per_weight(ckpt: Path) -> dict:
             nbytes += sum(b for key, (_, _, b) in tensors.items()
                           if key.startswith(mod + ".") and not key.endswith(".bias")
                           and (key[len(mod) + 1:] == "W_q" or key[len(mod) + 1:].startswith("meta.")))
-        return {"bits_per_weight": 8 * nbytes / nweights, "linear_bytes": nbytes, "weights": nweights}
+            wq = tensors.get(mod + ".W_q")
+            if wq is not None and len(wq[1]) == 2:
+                groups[wq[1][1]] = groups.get(wq[1][1], 0) + n * k
+        return {"bits_per_weight": 8 * nbytes / nweights, "linear_bytes": nbytes, "weights": nweights,
+                "groups": {str(g): w / nweights for g, w in sorted(groups.items())}}
     # plain model: the *_proj weights of the decoder layers (what the quantizer would replace)
     nbytes = nweights = 0
     for key, (_, shape, b) in tensors.items():

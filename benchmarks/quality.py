@@ -217,8 +217,9 @@ def markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
         hdr = ["variant", "bits/weight"]
         for c in corpora:
             hdr += [f"{c} ppl", "vs bf16"]
-        hdr += ["weights on disk", "gated layers"]
+        hdr += ["weights on disk", "gated layers", "effective groups"]
         table = []
+        fallback = False
         for r in rows:
             line = [r["label"], f"{r['bpw']['bits_per_weight']:.2f}"]
             for c in corpora:
@@ -226,10 +227,23 @@ def markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
                 line += [f"{p:.3f}", f"{p / base['ppl'][c]:.3f}x" if base else ""]
             q = r["qinfo"] or {}
             gated = f"{q['kurtosis_gated']}/{q['layers']}" if r["spec"] and r["spec"]["method"] == "sinq" else ""
-            line += [C.mib(r["disk"]), gated]
+            groups = r["bpw"].get("groups")
+            if groups is None and r["spec"] and Path(r["dir"]).is_dir():
+                groups = C.linear_bits_per_weight(Path(r["dir"])).get("groups")
+            eff = ""
+            if r["spec"] and groups:
+                eff = " / ".join(f"g{g} {share:.0%}" for g, share in groups.items())
+                fallback |= any(int(g) != r["spec"]["group_size"] for g in groups)
+            line += [C.mib(r["disk"]), gated, eff]
             table.append(line)
         out += [C.md_table(hdr, table), ""]
-        out += ["'gated layers': SINQ layers the reference's kurtosis gate sent to plain RTN.", ""]
+        out += ["'gated layers': SINQ layers the reference's kurtosis gate sent to plain RTN. 'effective groups': "
+                "group sizes actually stored, as shares of the quantized weights."]
+        if fallback:
+            out += ["**A requested group size that does not divide a layer's input size falls back to a smaller "
+                    "one (the reference's rule)**: e.g. on SmolLM2 (hidden 576 = 4.5 x 128) every layer but "
+                    "down_proj reads 576 inputs, so 'g128' is g64 for most weights there."]
+        out += [""]
         # SINQ vs RTN, same bits/group/aux
         pairs = []
         key = lambda sp: (sp["nbits"], sp["group_size"], sp["aux"])  # noqa: E731

@@ -167,8 +167,6 @@ def make_awq(bf16_dir: Path, out: Path, group: int) -> Path:
 # worker: one engine, in its own process
 
 def worker(spec: dict, result_file: str) -> int:
-    import statistics  # noqa: F401
-
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -245,7 +243,9 @@ def run_engine(spec: dict, work: Path, label: str) -> dict:
 
 def run_cli(model_dir: Path, quantization: str | None, work: Path, label: str) -> dict:
     """`vllm bench throughput` (random dataset) as a subprocess; its Throughput line."""
-    exe = shutil.which("vllm") or str(Path(sys.executable).parent / "vllm")
+    # the CLI of *this* environment (make runs .venv/bin/python without activating the venv)
+    local = Path(sys.executable).parent / "vllm"
+    exe = str(local) if local.is_file() else (shutil.which("vllm") or "vllm")
     cmd = [exe, "bench", "throughput", "--model", str(model_dir)]
     if quantization:
         cmd += ["--quantization", quantization]
