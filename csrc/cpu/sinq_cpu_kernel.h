@@ -25,7 +25,9 @@
 // 128 + q (exact for q < 128), so the kernels compute
 //   acc = sum_k xt[k] * (128 + q[k])  (bf16 products are exact, fp32 accumulation)
 //   y  += s * (acc - (z + 128) * sum_k xt[k])        (one fused fnmadd, one fma)
-// per (row, group). xt = x * t is rounded to bf16 once per call (one "hi" row); for
+// per (row, group). 8-bit codes (q up to 255) are converted with int->fp32->bf16 instead
+// (exact) and use offset 0. Group sizes must be multiples of 8 (one nibble word spans 8 k).
+// xt = x * t is rounded to bf16 once per call (one "hi" row); for
 // fp16/fp32 activations a second "lo" row bf16(xt - hi) carries the rounding error so
 // that the result keeps ~16 mantissa bits of the activations.
 #pragma once
