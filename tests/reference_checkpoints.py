@@ -43,6 +43,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def _shim_dir() -> Path | None:
     init = d / "datasets" / "__init__.py"
     if not init.is_file():
         init.parent.mkdir(parents=True, exist_ok=True)
-        tmp = init.with_suffix(f".tmp{os.getpid()}")
+        # prefetch_all's threads share one pid: the temporary name must be unique per thread.
+        tmp = init.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         tmp.write_text(
             '"""Stub for sinq-vllm tests: sinq.awq imports load_dataset at import time, '
             'for A-SINQ calibration only."""\n\n'
@@ -164,7 +166,7 @@ def _cached(name: str, request: dict, build) -> Path:
     final = cache_root() / f"{name}-{_key(request)}"
     if (final / "COMPLETE").is_file():
         return final
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     build(tmp)
@@ -300,6 +302,7 @@ def prefetch_all() -> None:
     if skip_reason():
         return
     make_tokenizer(cache_root() / "tokenizer")  # once, before processes share it
+    _shim_dir()  # likewise
     jobs = [lambda s=s: repo_checkpoint(*s) for s in REPO_SPECS]
     jobs += [lambda: hf_checkpoint(*HF_SPEC), lambda: reference_layers(list(PARITY_CASES))]
     with ThreadPoolExecutor(max_workers=3) as pool:
