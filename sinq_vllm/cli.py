@@ -24,7 +24,7 @@ def add_quantize_parser(subparsers) -> None:
         "quantize",
         help="quantize a local Hugging Face safetensors model to a SINQ checkpoint",
         description=(
-            "Quantize every nn.Linear except the output head (lm_head) with SINQ and write the "
+            "Quantize every nn.Linear except the output head (lm_head, unless --quantize-lm-head) with SINQ and write the "
             "reference SINQ sharded-safetensors layout plus a config.json quantization_config."
         ),
     )
@@ -42,6 +42,9 @@ def add_quantize_parser(subparsers) -> None:
                    help="MoE models: keep the routed experts in full precision (default: quantize each expert)")
     p.add_argument("--quantize-routers", dest="routers", action="store_true",
                    help="MoE models: quantize the router gates too (default: keep them in full precision, as vLLM does)")
+    p.add_argument("--quantize-lm-head", dest="lm_head", action="store_true",
+                   help="quantize the output head too (served packed; a tied head is untied, the embeddings "
+                   "stay in full precision). Default: keep it in full precision")
     p.add_argument("--skip", nargs="+", action="extend", default=[], metavar="MODULE",
                    help="keep modules matching these names in full precision (fnmatch pattern or substring)")
     p.add_argument("--max-shard-size", default="4GB", help="largest output shard, e.g. 4GB, 500MB (default 4GB)")
@@ -67,6 +70,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         progress=args.progress,
         experts=args.experts,
         routers=args.routers,
+        lm_head=args.lm_head,
     )
     print(
         f"wrote {s.out_dir}: {len(s.quantized)} quantized Linear layers, {s.copied} tensors copied, "

@@ -20,12 +20,12 @@ from .checkpoint import (
     resolve_local_dir,
     tensor_names,
 )
-from .dequantized_head import SinqDequantizedHeadMethod
 from .online import OnlineOptions, SinqOnlineLinearMethod, options_from_config, options_from_env
 from .errors import SinqCheckpointError, SinqConfigError
 from .format.layer_meta import LayerMeta
 from .format.packing import SUPPORTED_BITS
 from .linear_method import SinqLinearMethod
+from .lm_head_method import SinqLMHeadMethod
 from .log import get_logger
 from .validation import validate_before_engine
 from .vllm_compat import LinearBase, ParallelLMHead, QuantizationConfig, UnquantizedLinearMethod
@@ -119,6 +119,7 @@ class SinqConfig(QuantizationConfig):
         self.legacy_model_prefix = json_keys_have_legacy_prefix(local)
         self.layer_metas = read_layer_metas(local)
         check_sidecar_matches_tensors(local, self.layer_metas)
+        _untie_quantized_head(hf_config, self.layer_metas, local)
         names = tensor_names(local)
         if self.legacy_model_prefix:
             names = {n[len("model."):] if n.startswith("model.") else n for n in names}
@@ -148,7 +149,7 @@ class SinqConfig(QuantizationConfig):
             has_bias = [f"{n}.bias" in self.bias_names for n in names] if self.bias_names is not None else None
             return SinqLinearMethod(prefix, metas, has_bias)
         if isinstance(layer, ParallelLMHead) and prefix in self.layer_metas:
-            return SinqDequantizedHeadMethod(prefix, self.layer_metas[prefix])
+            return SinqLMHeadMethod(prefix, self.layer_metas[prefix])
         from .moe_method import sinq_moe_quant_method  # lazy: vLLM's fused-MoE package is heavy
 
         return sinq_moe_quant_method(layer, prefix, self.layer_metas, self.bias_names)  # None unless RoutedExperts
@@ -206,6 +207,19 @@ class SinqConfig(QuantizationConfig):
                 "%s: config.json says nbits=%s but the sidecar meta has %s; the sidecar is used",
                 local, self.nbits, sorted(declared),
             )
+
+
+def _untie_quantized_head(hf_config, metas: dict[str, LayerMeta], local: str) -> None:
+    """A quantized lm_head is its own matrix: with tied embeddings in the config, vLLM would
+    skip the checkpoint's ``lm_head.*`` tensors and compute logits with the embedding."""
+    if hf_config is None or not any(n.rpartition(".")[2] == "lm_head" for n in metas):
+        return
+    configs = {id(c): c for c in (hf_config, hf_config.get_text_config())}.values()
+    if any(getattr(c, "tie_word_embeddings", False) for c in configs):
+        for c in configs:
+            c.tie_word_embeddings = False
+        logger.info("%s: lm_head is SINQ-quantized, so the model is served with untied embeddings "
+                    "(embeddings stay as stored, the head is the checkpoint's quantized matrix)", local)
 
 
 def _summary(metas: dict[str, LayerMeta]) -> str:

@@ -48,20 +48,21 @@ def model_factory(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def sinq_factory(tmp_path_factory, model_factory):
     """``make(arch, nbits=4, group_size=64, method="sinq", aux=True, skip=(), experts=True, routers=False,
-    **model_overrides)`` -> SINQ folder."""
+    lm_head=False, **model_overrides)`` -> SINQ folder."""
     from sinq_vllm.quantizer import quantize_model
 
     cache: dict = {}
 
     def make(arch: str, nbits=4, group_size=64, method="sinq", aux=True, skip=(), experts=True, routers=False,
-             **overrides) -> Path:
-        key = (arch, nbits, group_size, method, aux, tuple(skip), experts, routers,
+             lm_head=False, **overrides) -> Path:
+        key = (arch, nbits, group_size, method, aux, tuple(skip), experts, routers, lm_head,
                tuple(sorted((k, repr(v)) for k, v in overrides.items())))
         if key not in cache:
             src = model_factory(arch, **overrides)
             out = tmp_path_factory.mktemp(f"{arch}-sinq{nbits}g{group_size}")
             quantize_model(src, out, nbits=nbits, group_size=group_size, method=method, aux=aux,
-                           skip=skip, overwrite=True, progress=False, experts=experts, routers=routers)
+                           skip=skip, overwrite=True, progress=False, experts=experts, routers=routers,
+                           lm_head=lm_head)
             cache[key] = out
         return cache[key]
 

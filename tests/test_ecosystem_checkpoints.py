@@ -35,6 +35,7 @@ logit margin on these prompts is 4e-4, far above float32 noise).
 from __future__ import annotations
 
 import json
+import sys
 import shutil
 
 import pytest
@@ -141,11 +142,13 @@ def test_transformers_sinqconfig_checkpoint_matches_reference(hf, capfd):
     assert "lm_head" in side  # SinqConfig's default quantizes the output head
     index = json.loads((ckpt / INDEX).read_text())["weight_map"]
     assert not any(k.endswith("proj.bias") for k in index)  # and drops the Linear biases
-    # vLLM must dequantize the SINQ lm_head into its unquantized head and zero the
-    # missing q/k/v biases (the reference forward has none either).
+    # vLLM must serve the SINQ lm_head packed and zero the missing q/k/v biases (the
+    # reference forward has none either).
     compare_with_reference("transformers SinqConfig (qwen2)", outputs, ckpt)
     out, err = capfd.readouterr()  # the engine processes share the test's stdout/stderr
     assert "no bias for" in out + err  # the loader says that it zeroed the missing biases
+    assert "'lm_head' is served packed" in out + err
+    sys.__stdout__.write("".join(line + "\n" for line in out.splitlines() if "max |prompt logprob diff|" in line))
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ TP_MODEL = dict(num_key_value_heads=1, intermediate_size=256)
 @pytest.mark.slow
 def test_tp2_matches_dequantized_reference(sinq_factory, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one NUMA node: one core per rank
-    ckpt = sinq_factory("qwen3", nbits=4, group_size=64, **TP_MODEL)
+    ckpt = sinq_factory("qwen3", nbits=4, group_size=64, lm_head=True, **TP_MODEL)  # head split over ranks too
     ids_list = _prompt_ids(ckpt)
     model = dequantized_model(ckpt, dtype=torch.float32)
     ref_lp, ref_greedy = [], []

@@ -156,8 +156,9 @@ class _Experts:
 @dataclass(frozen=True)
 class _Skeleton:
     linears: dict[str, tuple[int, int]]  # module name -> (out_features, in_features)
-    output_module: str | None  # lm_head-like module, never quantized
+    output_module: str | None  # lm_head-like module, quantized only on request
     tied_output: bool  # output embeddings share the input embedding weight
+    input_module: str | None = None  # the input embedding module
     experts: dict[str, _Experts] = field(default_factory=dict)  # fused experts module name -> layout
     routers: dict[str, tuple[int, int]] = field(default_factory=dict)  # MoE gate -> (num_experts, hidden)
     block_gates: frozenset[str] = frozenset()  # other gates of MoE blocks (shared_expert_gate): never quantized
@@ -218,7 +219,8 @@ def model_skeleton(src: Path) -> _Skeleton:
         if isinstance(mod, torch.nn.Linear)
     }
     experts, routers, block_gates = _moe_modules(model)
-    return _Skeleton(linears, _module_name(model, out_mod), tied, experts, routers, frozenset(block_gates))
+    return _Skeleton(linears, _module_name(model, out_mod), tied, _module_name(model, in_mod), experts, routers,
+                     frozenset(block_gates))
 
 
 def _moe_modules(model: torch.nn.Module):
@@ -279,12 +281,14 @@ def _tensor_meta(handle, key: str) -> tuple[str, tuple[int, ...]]:
 
 
 def _classify(key, dtype, shape, skel: _Skeleton, skip, summary: QuantizeSummary,
-              experts: bool = True, routers: bool = False) -> str | None:
+              experts: bool = True, routers: bool = False, head: bool = False) -> str | None:
     """"drop", "copy" or the module name to quantize."""
     if key.endswith(_DROPPED_SUFFIXES):
         return "drop"
     module, _, leaf = key.rpartition(".")
     if skel.output_module is not None and module == skel.output_module:
+        if head and leaf == "weight":
+            return _check_quantizable(key, dtype, shape, skel.linears[module])
         if skel.tied_output and leaf == "weight":
             return "drop"  # re-tied at load, as in the reference's checkpoints
         return "copy"
@@ -301,37 +305,62 @@ def _classify(key, dtype, shape, skel: _Skeleton, skip, summary: QuantizeSummary
     if matches_skip(module, skip):
         summary.not_converted.append(_experts_container(module) if kind == "expert" else module)
         return "copy"
-    if shape != (out_f, in_f):
-        raise SinqCheckpointError(f"tensor {key!r} has shape {list(shape)}, the model expects [{out_f}, {in_f}]")
+    return _check_quantizable(key, dtype, shape, (out_f, in_f))
+
+
+def _check_quantizable(key: str, dtype: str, shape, expected: tuple[int, int]) -> str:
+    """The module name of a weight tensor we can quantize."""
+    if shape != expected:
+        raise SinqCheckpointError(f"tensor {key!r} has shape {list(shape)}, the model expects {list(expected)}")
     if dtype not in _FLOAT_ST:
         raise SinqCheckpointError(f"tensor {key!r} has dtype {dtype}; only float weights can be quantized")
-    return module
+    return key.rpartition(".")[0]
 
 
 def _plan_items(handles, weight_map, skel, skip, summary, experts=True, routers=False,
-                group_size=64, aux=True) -> list[_Item]:
+                group_size=64, aux=True, head=False) -> list[_Item]:
     items = []
     for key in sorted(weight_map, key=_natural_key):
         if key.endswith(".W_q"):
             raise SinqCheckpointError(f"source already holds SINQ tensors ({key!r}); start from the full-precision model")
         dtype, shape = _tensor_meta(handles[weight_map[key]], key)
-        what = _classify(key, dtype, shape, skel, skip, summary, experts, routers)
+        what = _classify(key, dtype, shape, skel, skip, summary, experts, routers, head)
         if what == "drop":
             summary.dropped.append(key)
         elif what == "copy":
             items.append(_Item(key, weight_map[key], dtype, shape))
         else:
-            aux_ok = True
-            if aux and what in skel.routers:
-                # A router has few rows (out_features = number of experts); quantAux needs
-                # R % 32 == 0, so such a gate is stored with fp16 scales and zeros instead.
-                g = effective_group_size(shape[1], group_size, what)
-                aux_ok = (shape[0] * shape[1] // g) % SCALE_TILE == 0
-                if not aux_ok:
-                    logger.info("router '%s': %d groups are not a multiple of %d; stored without quantAux",
-                                what, shape[0] * shape[1] // g, SCALE_TILE)
+            # A router has few rows (out_features = number of experts), a head an arbitrary
+            # vocabulary: where quantAux's R % 32 == 0 fails they keep fp16 scales and zeros.
+            lenient = what in skel.routers or what == skel.output_module
+            aux_ok = not (aux and lenient) or _aux_fits(what, shape, group_size)
             items.append(_Item(key, weight_map[key], dtype, shape, module=what, aux_ok=aux_ok))
+    if head and not any(it.module == skel.output_module for it in items):
+        items.append(_tied_head_item(weight_map, handles, skel, group_size, aux))
     return items
+
+
+def _aux_fits(module: str, shape, group_size: int) -> bool:
+    g = effective_group_size(shape[1], group_size, module)
+    groups = shape[0] * shape[1] // g
+    if groups % SCALE_TILE:
+        logger.info("'%s': %d groups are not a multiple of %d; stored without quantAux", module, groups, SCALE_TILE)
+        return False
+    return True
+
+
+def _tied_head_item(weight_map, handles, skel: _Skeleton, group_size: int, aux: bool) -> _Item:
+    """With tied embeddings the checkpoint usually stores only the input embedding: the
+    quantized head is made from it (the embedding itself stays as stored)."""
+    if skel.output_module is None:
+        raise SinqConfigError("--quantize-lm-head: the model has no output embedding module")
+    key = f"{skel.input_module}.weight"
+    if not skel.tied_output or key not in weight_map:
+        raise SinqCheckpointError(f"--quantize-lm-head: {skel.output_module}.weight is missing from the source checkpoint")
+    dtype, shape = _tensor_meta(handles[weight_map[key]], key)
+    _check_quantizable(key, dtype, shape, skel.linears[skel.output_module])
+    aux_ok = not aux or _aux_fits(skel.output_module, shape, group_size)
+    return _Item(key, weight_map[key], dtype, shape, module=skel.output_module, aux_ok=aux_ok)
 
 
 def _check_coverage(items: list[_Item], skel: _Skeleton, skip, summary: QuantizeSummary, experts: bool = True) -> None:
@@ -410,6 +439,13 @@ def quantization_config(nbits, group_size, method, aux, not_converted) -> dict:
     }
 
 
+def _untie(config: dict) -> None:
+    """``tie_word_embeddings: false`` in the config and in its text sub-config, if any."""
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+
+
 def _copy_side_files(src: Path, out: Path) -> list[str]:
     copied = []
     for p in sorted(src.iterdir()):
@@ -454,8 +490,11 @@ def quantize_model(
     progress: bool = True,
     experts: bool = True,
     routers: bool = False,
+    lm_head: bool = False,
 ) -> QuantizeSummary:
-    """Quantize every nn.Linear of a local HF safetensors model except the output head.
+    """Quantize every nn.Linear of a local HF safetensors model, the output head only if
+    ``lm_head`` (a tied head is then untied in ``config.json``: the embedding stays as
+    stored, the head becomes its own quantized matrix).
 
     MoE models: ``experts=True`` quantizes the routed experts per expert (modules
     ``...mlp.experts.{e}.gate_proj`` ...), ``experts=False`` keeps them in full precision.
@@ -479,7 +518,7 @@ def quantize_model(
 
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(src / f, framework="pt")) for f in sorted(set(weight_map.values()))}
-        items = _plan_items(handles, weight_map, skel, skip, summary, experts, routers, group_size, aux)
+        items = _plan_items(handles, weight_map, skel, skip, summary, experts, routers, group_size, aux, lm_head)
         _check_coverage(items, skel, skip, summary, experts)
         summary.not_converted = list(dict.fromkeys(summary.not_converted))
         summary.experts_kept = list(dict.fromkeys(summary.experts_kept))
@@ -496,7 +535,9 @@ def quantize_model(
 
     write_sidecar(out, metas)
     write_index(out, shards)
-    head = [skel.output_module] if skel.output_module else []
+    head = [skel.output_module] if skel.output_module and not lm_head else []
+    if lm_head and skel.tied_output:
+        _untie(config)
     config["quantization_config"] = quantization_config(
         nbits, group_size, method, aux, head + sorted(set(summary.not_converted))
     )
