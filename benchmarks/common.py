@@ -340,15 +340,22 @@ def hf_window_nll(model, windows: list[list[int]], bos: int | None) -> list[tupl
     return res
 
 
-def load_reference_dequant():
-    """``tests/reference_dequant.py`` (the test oracle: a Transformers model holding the
-    dequantized weights), loaded from its file without putting tests/ on sys.path."""
-    path = REPO / "tests" / "reference_dequant.py"
-    spec = importlib.util.spec_from_file_location("sinq_reference_dequant", path)
+def load_test_helper(name: str):
+    """A helper module of ``tests/`` (``reference_dequant``: the test oracle, a Transformers
+    model holding the dequantized weights; ``reference_checkpoints``: runs the reference SINQ
+    implementation in a subprocess), loaded from its file without putting tests/ on sys.path."""
+    key = f"sinq_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, REPO / "tests" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
+    sys.modules[key] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_reference_dequant():
+    return load_test_helper("reference_dequant")
 
 
 # --------------------------------------------------------------------------------------

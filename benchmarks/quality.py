@@ -73,6 +73,12 @@ def parse_args(argv=None):
     ap.add_argument("--keep-doc-tags", action="store_true",
                     help="score wiki.utf8 with its <doc ...> lines (what assets.md's baselines used)")
     ap.add_argument("--gemma", action="store_true", help="also Gemma-3-270M (needs its PyPI packages)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated models instead (smollm2-135m, gemma3-270m), e.g. --models gemma3-270m")
+    ap.add_argument("--no-reference", dest="reference", action="store_false",
+                    help="skip the parity section against the reference implementation (sinq==0.2.0)")
+    ap.add_argument("--ref-tokens", type=int, default=8192,
+                    help="wiki tokens of the reference-parity section (default 8192, the issue's protocol)")
     ap.add_argument("--out", default="quality", help="result file stem in benchmarks/results/")
     ap.add_argument("--replot", action="store_true",
                     help="rewrite the .md and .png from the .json of the last run (no evaluation)")
@@ -183,7 +189,144 @@ def run_model(name: str, src: Path, specs, args, corpora) -> dict:
         checks.append({"label": r["label"], "tag": r["tag"], "corpus": hf_corpus, "tokens": cnt,
                        "vllm": v_ppl, "hf": hf_ppl, "seconds": time.perf_counter() - t0})
         C.log(f"    vLLM {v_ppl:.4f} vs Transformers {hf_ppl:.4f} ({time.perf_counter() - t0:.1f} s)")
-    return {"name": name, "rows": rows, "checks": checks, "corpora": corpora, "tokens": n_tokens, "bos": bos}
+    parity = run_reference_parity(name, src, args) if args.reference else {"skipped": "--no-reference"}
+    return {"name": name, "rows": rows, "checks": checks, "corpora": corpora, "tokens": n_tokens, "bos": bos,
+            "parity": parity}
+
+
+# --------------------------------------------------------------------------------------
+# parity with the reference implementation (fp32, Transformers forward on both sides)
+
+REF_SETTINGS = ((4, 64), (3, 64))  # the issue's reference table
+
+
+def plain_rtn_model(src: Path, nbits: int, group_size: int):
+    """Plain min-max asymmetric RTN (no Sinkhorn, fp32 scales and zeros) of every decoder
+    Linear, fake-quantized in a float32 Transformers model: an implementation independent of
+    sinq-vllm's quantizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    head = model.get_output_embeddings()
+    max_int = 2**nbits - 1
+    with torch.no_grad():
+        for mod in model.modules():
+            if not isinstance(mod, torch.nn.Linear) or mod is head:
+                continue
+            n, k = mod.weight.shape
+            w = mod.weight.view(n, k // group_size, group_size)
+            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            scale = (hi - lo).clamp(min=1e-4) / max_int
+            zero = -torch.round(lo / scale)
+            q = torch.clamp(torch.round(w / scale + zero), 0, max_int)
+            mod.weight.copy_(((q - zero) * scale).view(n, k))
+    return model
+
+
+def hf_model_nll(model, wins, bos) -> tuple[float, int]:
+    try:
+        per = C.hf_window_nll(model, wins, bos)
+        return sum(p[0] for p in per), sum(p[1] for p in per)
+    finally:
+        del model
+        gc.collect()
+
+
+def reference_sinq(src: Path, name: str, nbits: int, group_size: int, wins, bos) -> dict:
+    """The reference implementation (sinq==0.2.0) quantizes ``src`` and scores ``wins`` with its
+    own float32 forward, in a subprocess (tests/reference_checkpoints.py ``model_ppl``).
+    Cached under artifacts/bench/ by request."""
+    import hashlib
+
+    ref = C.load_test_helper("reference_checkpoints")
+    request = {"src": str(src), "nbits": nbits, "group_size": group_size, "bos": bos, "windows": wins,
+               "sinq": ref.REFERENCE_VERSION}
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
+    out = C.artifacts_dir("bench") / f"{name}-reference-sinq-w{nbits}g{group_size}"
+    result = out / f"result-{key}.json"
+    if result.is_file():
+        return dict(json.loads(result.read_text()), cached=True, dir=str(out))
+    for stale in out.glob("result-*.json"):
+        stale.unlink()
+    t0 = time.perf_counter()
+    ref.run_reference("model_ppl", dict(request, out=str(out), result=str(result)),
+                      threads=os.cpu_count(), timeout=7200)
+    r = json.loads(result.read_text())
+    r["process_seconds"] = time.perf_counter() - t0
+    result.write_text(json.dumps(r))
+    return dict(r, cached=False, dir=str(out))
+
+
+def identical_tensors(ours: Path, theirs: Path) -> tuple[int, int]:
+    """How many SINQ tensors (codes, scales, zeros, column scales) of our checkpoint are
+    bit-identical to the reference's, out of how many."""
+    from safetensors import safe_open
+
+    def tensors(d: Path) -> dict:
+        wmap = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+        return {k: (d / f) for k, f in wmap.items() if k.endswith(".W_q") or ".meta." in k}
+
+    mine, ref = tensors(ours), tensors(theirs)
+    equal = 0
+    for k, f in mine.items():
+        if k in ref:
+            with safe_open(f, "pt") as a, safe_open(ref[k], "pt") as b:
+                ta, tb = a.get_tensor(k), b.get_tensor(k)
+                equal += int(ta.dtype == tb.dtype and ta.shape == tb.shape and bool((ta == tb).all()))
+    return equal, len(mine)
+
+
+def run_reference_parity(name: str, src: Path, args) -> dict:
+    """Perplexity on the issue's protocol (the first ``--ref-tokens`` wiki tokens, BOS per
+    window, float32 Transformers forward): unquantized; plain RTN vs our RTN checkpoint;
+    the reference implementation's SINQ vs our SINQ checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = C.load_test_helper("reference_checkpoints")
+    reason = ref.skip_reason()
+    if reason:
+        C.log(f"[{name}] reference parity skipped: {reason}")
+        return {"skipped": reason}
+    wins, bos = corpus_windows(src, "wiki", args.ref_tokens, args.window, args.keep_doc_tags)
+    tokens = sum(len(w) for w in wins)
+    C.log(f"[{name}] reference parity: wiki, {tokens} tokens, float32 Transformers forward")
+    rows = []
+
+    def score(label, make_model):
+        t0 = time.perf_counter()
+        nll, cnt = hf_model_nll(make_model(), wins, bos)
+        p = C.ppl_from_nll(nll, cnt)
+        C.log(f"    {label}: {p:.3f} ({time.perf_counter() - t0:.1f} s)")
+        return p
+
+    base = score("unquantized", lambda: AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval())
+    rows.append({"setting": "unquantized", "theirs": base, "ours": base})
+    dq = C.load_reference_dequant()
+    for nbits, g in REF_SETTINGS:
+        rtn_dir, _ = C.quantized_checkpoint(src, C.QuantSpec("rtn", nbits, g, aux=False), name=name)
+        rows.append({"setting": f"RTN w{nbits} g{g}", "method": "rtn", "nbits": nbits, "group_size": g,
+                     "theirs": score(f"plain RTN w{nbits} g{g}", lambda: plain_rtn_model(src, nbits, g)),
+                     "ours": score(f"sinq-vllm RTN w{nbits} g{g} (fp16 s/z)",
+                                   lambda: dq.dequantized_model(rtn_dir, dtype=torch.float32))})
+        sinq_dir, _ = C.quantized_checkpoint(src, C.QuantSpec("sinq", nbits, g, aux=True), name=name)
+        C.log(f"    reference sinq=={ref.REFERENCE_VERSION} quantizes w{nbits} g{g} ...")
+        r = reference_sinq(src, name, nbits, g, wins, bos)
+        theirs = C.ppl_from_nll(sum(r["nll"]), sum(r["count"]))
+        same, total = identical_tensors(sinq_dir, Path(r["dir"]))
+        C.log(f"    reference SINQ w{nbits} g{g}: {theirs:.3f} (quantized in {r['quantize_seconds']:.1f} s"
+              f"{', cached' if r['cached'] else ''}); {same}/{total} tensors bit-identical to ours")
+        rows.append({"setting": f"SINQ w{nbits} g{g}", "method": "sinq", "nbits": nbits, "group_size": g,
+                     "theirs": theirs, "ours": score(f"sinq-vllm SINQ w{nbits} g{g} aux",
+                                                     lambda: dq.dequantized_model(sinq_dir, dtype=torch.float32)),
+                     "reference_quantize_seconds": r["quantize_seconds"], "identical": [same, total]})
+    return {"tokens": tokens, "window": args.window, "rows": rows}
+
+
+def gap_closed(base: float, rtn: float, sinq: float) -> float:
+    """Share of RTN's perplexity gap to the unquantized model that SINQ closes."""
+    return (rtn - sinq) / (rtn - base) if rtn != base else float("nan")
 
 
 # --------------------------------------------------------------------------------------
@@ -270,6 +413,7 @@ def markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
                     f"{k['vllm'] / k['hf']:.4f}"] for k in res["checks"]]
             out += [C.md_table(["variant", "corpus", "tokens", "vLLM ppl", "Transformers fp32 ppl",
                                 "vLLM / Transformers"], tab), ""]
+        out += parity_markdown(res)
         timing = [[r["label"], f"{r['load_s']:.1f}", f"{r['eval_s']:.1f}",
                    "" if not r["qinfo"] else (f"{r['qinfo']['seconds']:.1f}" + (" (cached)" if r["qinfo"].get("cached") else ""))]
                   for r in rows]
@@ -279,6 +423,65 @@ def markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
         out += ["Note: with `<doc ...>` lines kept, 4096 wiki tokens reproduce assets.md's Transformers "
                 "fp32 baseline (12.36).", ""]
     return "\n".join(out)
+
+
+def vllm_gap_rows(res: dict) -> list[list]:
+    """Gap closure from the vLLM table: every (bits, group, aux) with a bf16, RTN and SINQ row."""
+    rows, corpora = res["rows"], res["corpora"]
+    base = next((r for r in rows if r["tag"] == "bf16"), None)
+    if base is None:
+        return []
+    out = []
+    for s in [r for r in rows if r["spec"] and r["spec"]["method"] == "sinq"]:
+        key = {k: s["spec"][k] for k in ("nbits", "group_size", "aux")}
+        rt = next((r for r in rows if r["spec"] and r["spec"]["method"] == "rtn"
+                   and all(r["spec"][k] == v for k, v in key.items())), None)
+        if rt is not None:
+            out.append([f"w{key['nbits']} g{key['group_size']} {'aux' if key['aux'] else 'no-aux'} (vLLM bf16)"]
+                       + [f"{gap_closed(base['ppl'][c], rt['ppl'][c], s['ppl'][c]):.0%}" for c in corpora])
+    return out
+
+
+def parity_markdown(res: dict) -> list[str]:
+    par = res.get("parity") or {}
+    out = []
+    if par.get("rows"):
+        rows = par["rows"]
+        base = rows[0]["ours"]
+        out += [f"Parity with the reference implementation: the first {par['tokens']} wiki tokens, "
+                f"{par['window']}-token windows with BOS, float32 Transformers forward on both sides "
+                "(the issue's protocol). 'theirs': plain min-max RTN (fp32 scales/zeros, an independent "
+                "fake-quant) or the reference SINQ code (`sinq==0.2.0`, `AutoSINQHFModel.quantize_model` "
+                "+ `save_quantized_safetensors`, reloaded with its own loader and `SINQLinear` forward); "
+                "'ours': the sinq-vllm checkpoint (RTN: fp16 scales/zeros, SINQ: quantAux) on its dequantized "
+                "weights.", ""]
+        tab = []
+        for r in rows:
+            extra = ""
+            if r.get("identical"):
+                same, total = r["identical"]
+                extra = f"{same}/{total}"
+            rq = f"{r['reference_quantize_seconds']:.1f}" if r.get("reference_quantize_seconds") else ""
+            tab.append([r["setting"], f"{r['theirs']:.3f}", f"{r['ours']:.3f}",
+                        f"{(r['ours'] / r['theirs'] - 1) * 100:+.2f}%", f"{r['ours'] / base:.3f}x", extra, rq])
+        out += [C.md_table(["setting", "theirs ppl", "ours ppl", "ours vs theirs", "ours vs unquantized",
+                            "SINQ tensors bit-identical", "reference quantize s"], tab), ""]
+    gaps = []
+    if par.get("rows"):
+        by = {r["setting"]: r for r in par["rows"]}
+        base = par["rows"][0]["ours"]
+        for nbits, g in REF_SETTINGS:
+            rt, sq = by.get(f"RTN w{nbits} g{g}"), by.get(f"SINQ w{nbits} g{g}")
+            if rt and sq:
+                gaps.append([f"w{nbits} g{g} (fp32, {par['tokens']} wiki tokens)",
+                             f"{gap_closed(base, rt['ours'], sq['ours']):.0%}"]
+                            + [""] * (len(res["corpora"]) - 1))
+    gaps += vllm_gap_rows(res)
+    if gaps:
+        hdr = ["setting"] + [f"{c}: gap closed" for c in res["corpora"]]
+        out += ["Share of RTN's perplexity gap to the unquantized model that SINQ closes, "
+                "(RTN - SINQ) / (RTN - unquantized):", "", C.md_table(hdr, gaps), ""]
+    return out
 
 
 def plot(results: list[dict], path: Path) -> bool:
@@ -353,9 +556,12 @@ def main(argv=None) -> int:
         write_outputs(saved["results"], args, saved["elapsed"], saved["machine"])
         return 0
 
-    models = [("smollm2-135m", C.smollm2_bf16)]
-    if args.gemma:
-        models.append(("gemma3-270m", C.gemma3_bf16))
+    known = {"smollm2-135m": C.smollm2_bf16, "gemma3-270m": C.gemma3_bf16}
+    names = args.models.split(",") if args.models else ["smollm2-135m"] + (["gemma3-270m"] if args.gemma else [])
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        sys.exit(f"--models: unknown {unknown}; valid values: {', '.join(known)}")
+    models = [(n, known[n]) for n in names]
     results = []
     for name, get_src in models:
         try:
@@ -369,7 +575,7 @@ def main(argv=None) -> int:
 
     elapsed = time.perf_counter() - t_start
     C.RESULTS.mkdir(parents=True, exist_ok=True)
-    keep = ("tokens", "window", "hf_tokens", "keep_doc_tags", "full", "out")
+    keep = ("tokens", "window", "hf_tokens", "keep_doc_tags", "full", "out", "reference", "ref_tokens")
     raw.write_text(json.dumps({"args": {k: getattr(args, k) for k in keep}, "argv": sys.argv[1:],
                                "elapsed": elapsed, "machine": machine, "results": results}, indent=1))
     write_outputs(results, args, elapsed, machine)

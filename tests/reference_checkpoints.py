@@ -441,7 +441,36 @@ def _cmd_layers(a: dict) -> None:
     BaseSINQModel.save_weights_safetensors(weights, a["out"])
 
 
-_COMMANDS = {"repo": _cmd_repo, "hf": _cmd_hf, "layers": _cmd_layers}
+def _cmd_model_ppl(a: dict) -> None:
+    """A real model quantized by the repo API (``quantize_model``, compute_dtype bf16, as
+    ``_cmd_repo``), saved with ``save_quantized_safetensors``, reloaded in float32 and scored
+    on the given token windows by its own forward (benchmarks/quality.py)."""
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sinq.patch_model import AutoSINQHFModel
+    from sinq.sinqlinear import BaseQuantizeConfig
+
+    sys.path.insert(0, str(_HERE.parent / "benchmarks"))
+    from common import hf_window_nll  # the benchmark's own scoring loop
+
+    tok = AutoTokenizer.from_pretrained(a["src"])
+    model = AutoModelForCausalLM.from_pretrained(a["src"], dtype=torch.bfloat16)
+    qc = BaseQuantizeConfig(nbits=a["nbits"], group_size=a["group_size"], tiling_mode="1D", method="sinq")
+    t0 = time.perf_counter()
+    AutoSINQHFModel.quantize_model(model, tok, quant_config=qc, compute_dtype=torch.bfloat16, device="cpu")
+    seconds = time.perf_counter() - t0
+    AutoSINQHFModel.save_quantized_safetensors(model, tok, a["out"])
+    del model
+    ref = AutoSINQHFModel.from_quantized_safetensors(a["out"], compute_dtype=torch.float32, device="cpu")
+    _float32_reference(ref)
+    per = hf_window_nll(ref, a["windows"], a["bos"])
+    Path(a["result"]).write_text(json.dumps({"quantize_seconds": seconds, "nll": [p[0] for p in per],
+                                             "count": [p[1] for p in per]}))
+
+
+_COMMANDS = {"repo": _cmd_repo, "hf": _cmd_hf, "layers": _cmd_layers, "model_ppl": _cmd_model_ppl}
 
 
 if __name__ == "__main__":
