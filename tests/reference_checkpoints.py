@@ -344,6 +344,10 @@ def _float32_reference(model) -> None:
             for name, buf in fresh.named_buffers(recurse=False):
                 module._buffers[name] = buf.float()
             module.attention_scaling = fresh.attention_scaling
+        elif isinstance(getattr(module, "embed_scale", None), torch.Tensor) and hasattr(module, "scalar_embed_scale"):
+            # Gemma's scaled embedding: a non-persistent buffer, sqrt(hidden) in float32 as
+            # Transformers computes it (the reference loader leaves it in bf16: 25.25, not 25.298)
+            module.embed_scale = torch.tensor(float(module.scalar_embed_scale))
     for name, p in [*model.named_parameters(), *model.named_buffers()]:
         if p.is_floating_point() and p.dtype != torch.float32:
             raise RuntimeError(f"reference tensor {name} is {p.dtype}, expected float32")

@@ -516,3 +516,47 @@ def test_cli_quantize(tiny_tied, tmp_path, capsys):
     assert rc == 0 and "12 quantized Linear layers" in capsys.readouterr().out
     side = json.loads((out / "model.safetensors.index.json.meta.json").read_text())
     assert len(side) == 12 and all(e["meta"]["method"] == "sinq" and e["meta"]["packing"] == "5bit_32" for e in side.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU extension's Sinkhorn stds (the quantizer's hot spot) against torch.std
+
+
+def _native_or_skip():
+    from sinq_vllm.quantizer import sinkhorn
+
+    op = sinkhorn._native_stds()
+    if op is None:
+        pytest.skip("the CPU extension (sinkhorn_stds) is not built")
+    return op
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 16), (3, 97, 64), (9, 1536, 64), (2, 576, 128), (4, 333, 24)])
+def test_native_sinkhorn_stds_equal_torch_std(shape):
+    """Bit-equal to torch.std (fp32 results), with and without the iterate's divisions."""
+    op = _native_or_skip()
+    gen = torch.Generator().manual_seed(sum(shape))
+    s, h, b = shape
+    m = 0.03 * torch.randn(shape, generator=gen) * torch.exp(torch.randn(s, 1, b, generator=gen)) + 0.01
+    mu1 = torch.exp(0.3 * torch.randn(s, b, generator=gen))
+    mu2 = torch.exp(0.3 * torch.randn(s, h, 1, generator=gen))
+    cur = (m / mu1[:, None, :]) / mu2
+    rows, cols = op(m, mu1, mu2)
+    assert torch.equal(rows, cur.std(dim=-1)) and torch.equal(cols, cur.std(dim=-2))
+    rows, cols = op(m, None, None)
+    assert torch.equal(rows, m.std(dim=-1)) and torch.equal(cols, m.std(dim=-2))
+
+
+def test_quantize_weight_same_with_torch_std(monkeypatch):
+    """The whole layer quantization is unchanged when the native stds are switched off."""
+    from sinq_vllm.quantizer import sinkhorn
+
+    _native_or_skip()
+    gen = torch.Generator().manual_seed(3)
+    w = (0.05 * torch.randn(320, 448, generator=gen) * torch.exp(0.4 * torch.randn(1, 448, generator=gen)))
+    native, _ = quantize_weight(w.bfloat16(), 4, 64)
+    monkeypatch.setattr(sinkhorn, "_native_stds", lambda: None)
+    plain, _ = quantize_weight(w.bfloat16(), 4, 64)
+    assert native.keys() == plain.keys()
+    for k in native:
+        assert torch.equal(native[k], plain[k]), k

@@ -2,6 +2,7 @@
 //
 //   torch.ops.sinq_vllm.cpu_linear(x, qweight, scales_zeros, col_scales, shard_offsets,
 //                                  bias, nbits, group_size) -> Tensor
+//   torch.ops.sinq_vllm.sinkhorn_stds(m, mu1, mu2) -> (std_rows, std_cols)   (quantizer)
 //
 // TORCH_LIBRARY_FRAGMENT (not TORCH_LIBRARY) because other extensions of this package
 // (CUDA) register ops in the same `sinq_vllm` namespace. The fake (meta) implementation
@@ -15,9 +16,13 @@ TORCH_LIBRARY_FRAGMENT(sinq_vllm, m) {
   m.def(
       "cpu_linear(Tensor x, Tensor qweight, Tensor scales_zeros, Tensor col_scales, int[] shard_offsets, "
       "Tensor? bias, int nbits, int group_size) -> Tensor");
+  m.def("sinkhorn_stds(Tensor m, Tensor? mu1, Tensor? mu2) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(sinq_vllm, CPU, m) { m.impl("cpu_linear", &sinq_cpu::cpu_linear); }
+TORCH_LIBRARY_IMPL(sinq_vllm, CPU, m) {
+  m.impl("cpu_linear", &sinq_cpu::cpu_linear);
+  m.impl("sinkhorn_stds", &sinq_cpu::sinkhorn_stds);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SINQ linear op for CPU (AVX-512 BF16 / AVX2 / scalar, chosen at run time)";

@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace sinq_cpu {
@@ -13,6 +14,11 @@ namespace sinq_cpu {
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_zeros,
                       const at::Tensor& col_scales, c10::IntArrayRef shard_offsets,
                       const std::optional<at::Tensor>& bias, int64_t nbits, int64_t group_size);
+
+// Row and column stds (unbiased) of (m / mu1) / mu2 per slab, m [S, H, B] fp32, mu1 [S, B],
+// mu2 [S, H, 1] (both absent: of m itself); equal to torch.std's fp32 results.
+std::tuple<at::Tensor, at::Tensor> sinkhorn_stds(const at::Tensor& m, const std::optional<at::Tensor>& mu1,
+                                                 const std::optional<at::Tensor>& mu2);
 
 // Instruction set the kernels use in this process ("avx512bf16", "avx2" or "scalar").
 std::string isa_name();

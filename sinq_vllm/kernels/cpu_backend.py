@@ -120,6 +120,12 @@ def _register_fake() -> None:
     def _cpu_linear_fake(x, qweight, scales_zeros, col_scales, shard_offsets, bias, nbits, group_size):
         return x.new_empty((*x.shape[:-1], shard_offsets[-1]))
 
+    if hasattr(torch.ops.sinq_vllm, "sinkhorn_stds"):  # quantizer op (absent from older builds)
+
+        @torch.library.register_fake("sinq_vllm::sinkhorn_stds")
+        def _sinkhorn_stds_fake(m, mu1, mu2):
+            return m.new_empty(m.shape[:2]), m.new_empty((m.shape[0], m.shape[2]))
+
     _fake_registered = True
 
 

@@ -13,15 +13,41 @@ times; the first iterate is the input itself), and a slab
 whose sticky gate has closed is dropped from the batch: with its updates frozen every
 later iterate equals the one that closed the gate, which is already worse than the
 best, so nothing about that slab can change any more.
+
+The stds themselves (80% of the time with ``torch.std``) come from the CPU extension's
+``sinkhorn_stds`` op when it is built: it forms the iterate on the fly and sums in double,
+which gives torch.std's fp32 values (tests/test_quantizer.py checks both agree).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 SINKHORN_ORDER = 16  # what quantize_dual_scale_shift passes
 LOG_MU_MIN, LOG_MU_MAX = -0.3, 10.0
 STEP_MIN, STEP_MAX = 0.7, 2.0  # damping of one update, as a ratio
+
+
+@functools.cache
+def _native_stds():
+    """``torch.ops.sinq_vllm.sinkhorn_stds`` when the CPU extension provides it, else None."""
+    from ..kernels.cpu_backend import load_extension
+
+    if load_extension() is None or not hasattr(torch.ops.sinq_vllm, "sinkhorn_stds"):
+        return None
+    return torch.ops.sinq_vllm.sinkhorn_stds
+
+
+def row_col_std(m: torch.Tensor, mu1: torch.Tensor | None = None, mu2: torch.Tensor | None = None):
+    """Unbiased row and column stds of each slab of the iterate ``(m / mu1) / mu2``
+    (``m`` fp32 ``[S, H, B]``, ``mu1 [S, B]``, ``mu2 [S, H, 1]``; ``m`` itself without them)."""
+    op = _native_stds() if m.device.type == "cpu" else None
+    if op is not None:
+        return op(m, mu1, mu2)
+    cur = m if mu1 is None else (m / mu1[:, None, :]) / mu2
+    return cur.std(dim=-1), cur.std(dim=-2)
 
 
 def _imbalance_from_stds(s_rows: torch.Tensor, s_cols: torch.Tensor) -> torch.Tensor:
@@ -55,7 +81,7 @@ def sinkhorn_log(
     m = m_all.reshape(-1, h, b)  # flat batch so that active slabs can be indexed
     n = m.shape[0]
 
-    std_r0, std_c0 = m.std(dim=-1), m.std(dim=-2)
+    std_r0, std_c0 = row_col_std(m)
     tgt = torch.minimum(
         std_r0.clamp(clip_min, clip_max).amin(dim=-1),
         std_c0.clamp(clip_min, clip_max).amin(dim=-1),
@@ -78,8 +104,7 @@ def sinkhorn_log(
             # exp(0) == 1 and x / 1 == x exactly: the first iterate is the input itself.
             std_r, std_c = std_r0, std_c0
         else:
-            cur = (cur_m / mu1[:, None, :]) / mu2
-            std_r, std_c = cur.std(dim=-1), cur.std(dim=-2)
+            std_r, std_c = row_col_std(cur_m, mu1, mu2)
         ib = _imbalance_from_stds(std_r, std_c)
 
         # `<=` keeps the latest of equal iterates, and torch.minimum lets a NaN
