@@ -125,6 +125,11 @@ def hf_eval(model_dir: Path, quantized: bool, wins: list, bos) -> tuple[float, i
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return hf_model_nll(model, wins, bos)
+
+
+def hf_model_nll(model, wins, bos) -> tuple[float, int]:
+    """Summed NLL and token count of ``wins``; the model is released afterwards."""
     try:
         per = C.hf_window_nll(model, wins, bos)
         return sum(p[0] for p in per), sum(p[1] for p in per)
@@ -228,15 +233,6 @@ def plain_rtn_model(src: Path, nbits: int, group_size: int):
             q = torch.clamp(torch.round(w / scale + zero), 0, max_int)
             mod.weight.copy_(((q - zero) * scale).view(n, k))
     return model
-
-
-def hf_model_nll(model, wins, bos) -> tuple[float, int]:
-    try:
-        per = C.hf_window_nll(model, wins, bos)
-        return sum(p[0] for p in per), sum(p[1] for p in per)
-    finally:
-        del model
-        gc.collect()
 
 
 def reference_sinq(src: Path, name: str, nbits: int, group_size: int, wins, bos) -> dict:

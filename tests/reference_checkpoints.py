@@ -339,11 +339,15 @@ def _float32_reference(model) -> None:
             module.compute_dtype = torch.float32
             if module.bias is not None:
                 module.bias = module.bias.float()
-        elif type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
+        elif type(module).__name__.endswith("RotaryEmbedding") and any(
+            n.endswith("inv_freq") for n, _ in module.named_buffers(recurse=False)
+        ):  # inv_freq, or one per attention type (Gemma3: full_attention_inv_freq, ...)
             fresh = type(module)(config=module.config)  # Transformers' own float32 init
             for name, buf in fresh.named_buffers(recurse=False):
                 module._buffers[name] = buf.float()
-            module.attention_scaling = fresh.attention_scaling
+            for attr, value in vars(fresh).items():  # attention_scaling, or one per attention type
+                if attr.endswith("attention_scaling"):
+                    setattr(module, attr, value)
         elif isinstance(getattr(module, "embed_scale", None), torch.Tensor) and hasattr(module, "scalar_embed_scale"):
             # Gemma's scaled embedding: a non-persistent buffer, sqrt(hidden) in float32 as
             # Transformers computes it (the reference loader leaves it in bf16: 25.25, not 25.298)

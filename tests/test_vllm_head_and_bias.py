@@ -1,5 +1,5 @@
 """What Transformers' SinqConfig path writes, reproduced on our own checkpoint:
-a SINQ-quantized ``lm_head`` (dequantized at load) and Linear biases missing from the
+a SINQ-quantized ``lm_head`` (served packed) and Linear biases missing from the
 checkpoint although the config has them (zeroed with a warning, as the model that wrote
 the checkpoint computes). One float32 engine; same tolerances as test_vllm_models."""
 
