@@ -354,10 +354,6 @@ def load_test_helper(name: str):
     return mod
 
 
-def load_reference_dequant():
-    return load_test_helper("reference_dequant")
-
-
 # --------------------------------------------------------------------------------------
 # vLLM engine helpers
 # --------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def hf_eval(model_dir: Path, quantized: bool, wins: list, bos) -> tuple[float, i
     import torch
 
     if quantized:
-        model = C.load_reference_dequant().dequantized_model(model_dir, dtype=torch.float32)
+        model = C.load_test_helper("reference_dequant").dequantized_model(model_dir, dtype=torch.float32)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -305,7 +305,7 @@ def run_reference_parity(name: str, src: Path, args) -> dict:
 
     base = score("unquantized", lambda: AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval())
     rows.append({"setting": "unquantized", "theirs": base, "ours": base})
-    dq = C.load_reference_dequant()
+    dq = C.load_test_helper("reference_dequant")
     for nbits, g in REF_SETTINGS:
         rtn_dir, _ = C.quantized_checkpoint(src, C.QuantSpec("rtn", nbits, g, aux=False), name=name)
         rows.append({"setting": f"RTN w{nbits} g{g}", "method": "rtn", "nbits": nbits, "group_size": g,

@@ -383,23 +383,38 @@ def _tiny_source(a: dict) -> Path:
     return make_tiny_model(a["arch"], a["src"], tokenizer_dir=tok_dir, seed=a["seed"])
 
 
+def _repo_quantize(model, tok, nbits: int, group_size: int) -> None:
+    """The repo API's quantization as a user runs it on CPU: method "sinq" (-> "sinq_quantAux"),
+    1D tiling, compute dtype bf16."""
+    from sinq.patch_model import AutoSINQHFModel
+    from sinq.sinqlinear import BaseQuantizeConfig
+
+    qc = BaseQuantizeConfig(nbits=nbits, group_size=group_size, tiling_mode="1D", method="sinq")
+    AutoSINQHFModel.quantize_model(model, tok, quant_config=qc, compute_dtype=torch.bfloat16, device="cpu")
+
+
+def _reload_float32(folder: str):
+    """A ``save_quantized_safetensors`` folder reloaded by the reference loader, computing in float32."""
+    from sinq.patch_model import AutoSINQHFModel
+
+    ref = AutoSINQHFModel.from_quantized_safetensors(folder, compute_dtype=torch.float32, device="cpu")
+    _float32_reference(ref)
+    return ref
+
+
 def _cmd_repo(a: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sinq.patch_model import AutoSINQHFModel
-    from sinq.sinqlinear import BaseQuantizeConfig
 
     src = _tiny_source(a)
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    qc = BaseQuantizeConfig(nbits=a["nbits"], group_size=a["group_size"], tiling_mode="1D", method="sinq")
-    AutoSINQHFModel.quantize_model(model, tok, quant_config=qc, compute_dtype=torch.bfloat16, device="cpu")
+    _repo_quantize(model, tok, a["nbits"], a["group_size"])
     AutoSINQHFModel.save_quantized_safetensors(model, tok, a["safetensors"])
     AutoSINQHFModel.save_quantized(model, tok, a["pt"])
     del model
-    ref = AutoSINQHFModel.from_quantized_safetensors(a["safetensors"], compute_dtype=torch.float32, device="cpu")
-    _float32_reference(ref)
-    _write_outputs(ref, tok, a["prompts"], a["steps"], a["outputs"])
+    _write_outputs(_reload_float32(a["safetensors"]), tok, a["prompts"], a["steps"], a["outputs"])
 
 
 def _cmd_hf(a: dict) -> None:
@@ -458,22 +473,18 @@ def _cmd_model_ppl(a: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sinq.patch_model import AutoSINQHFModel
-    from sinq.sinqlinear import BaseQuantizeConfig
 
     sys.path.insert(0, str(_HERE.parent / "benchmarks"))
     from common import hf_window_nll  # the benchmark's own scoring loop
 
     tok = AutoTokenizer.from_pretrained(a["src"])
     model = AutoModelForCausalLM.from_pretrained(a["src"], dtype=torch.bfloat16)
-    qc = BaseQuantizeConfig(nbits=a["nbits"], group_size=a["group_size"], tiling_mode="1D", method="sinq")
     t0 = time.perf_counter()
-    AutoSINQHFModel.quantize_model(model, tok, quant_config=qc, compute_dtype=torch.bfloat16, device="cpu")
+    _repo_quantize(model, tok, a["nbits"], a["group_size"])
     seconds = time.perf_counter() - t0
     AutoSINQHFModel.save_quantized_safetensors(model, tok, a["out"])
     del model
-    ref = AutoSINQHFModel.from_quantized_safetensors(a["out"], compute_dtype=torch.float32, device="cpu")
-    _float32_reference(ref)
-    per = hf_window_nll(ref, a["windows"], a["bos"])
+    per = hf_window_nll(_reload_float32(a["out"]), a["windows"], a["bos"])
     Path(a["result"]).write_text(json.dumps({"quantize_seconds": seconds, "nll": [p[0] for p in per],
                                              "count": [p[1] for p in per]}))
 
