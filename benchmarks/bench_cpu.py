@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -133,7 +132,7 @@ def streaming_bandwidth(nbytes=1 << 30) -> dict[str, float]:
 # random SINQ layers
 # --------------------------------------------------------------------------------------
 def random_sinq_weights(n_sizes, k, nbits=4, group=64, seed=0):
-    from sinq_vllm.kernels.base import SinqWeights
+    from sinq_vllm.kernels.contract import SinqWeights
 
     gen = torch.Generator().manual_seed(seed)
     n = sum(n_sizes)
@@ -153,7 +152,7 @@ def resident_bytes(tensors) -> int:
 
 def bench_op(args) -> str:
     from sinq_vllm.kernels import cpu_backend as cb
-    from sinq_vllm.kernels.base import spec_of
+    from sinq_vllm.kernels.contract import spec_of
 
     mod = cb.load_extension()
     if mod is None:

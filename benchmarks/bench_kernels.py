@@ -102,7 +102,7 @@ def layer_shapes(model: str) -> list[tuple[str, int, tuple[int, ...]]]:
 
 
 def random_sinq_weights(k: int, shards: tuple[int, ...], nbits: int, group: int, device, seed: int = 0):
-    from sinq_vllm.kernels.base import SinqWeights
+    from sinq_vllm.kernels.contract import SinqWeights
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n = sum(shards)

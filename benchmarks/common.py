@@ -58,7 +58,7 @@ def setup_env(kv_cache_gib: str = "1") -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("SINQ_AUTO_PATCH", "0")
-    # LLM.apply_model ships sinq_vllm.memory.sinq_weight_bytes to the worker process.
+    # LLM.apply_model ships sinq_vllm.vllm.memory.sinq_weight_bytes to the worker process.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     root = str(REPO)
     if sys.path and os.path.abspath(sys.path[0] or ".") == root:
@@ -84,8 +84,8 @@ def artifacts_dir(*parts: str) -> Path:
 
 def smollm2_bf16() -> Path:
     """bf16 HF folder of SmolLM2-135M-Instruct, converted once from the shipped GGUF."""
-    from sinq_vllm.assets import AssetNotFoundError, smollm2_gguf_path
-    from sinq_vllm.gguf_convert import gguf_to_hf, is_converted
+    from bench_support.assets import AssetNotFoundError, smollm2_gguf_path
+    from bench_support.gguf_convert import gguf_to_hf, is_converted
 
     out = ARTIFACTS / SMOLLM2_BF16
     try:
@@ -132,7 +132,7 @@ def gemma3_gguf_path() -> Path | None:
 
 
 def gemma3_bf16() -> Path:
-    from sinq_vllm.gguf_convert import gguf_to_hf, is_converted
+    from bench_support.gguf_convert import gguf_to_hf, is_converted
 
     out = ARTIFACTS / "gemma-3-270m-bf16"
     gguf = gemma3_gguf_path()
@@ -279,7 +279,7 @@ def eval_windows(tokenizer_dir: Path, corpus: str, n_tokens: int, window: int,
     wiki.utf8's WikiExtractor ``<doc ...>``/``</doc>`` lines (assets.md's baselines kept them)."""
     from transformers import AutoTokenizer
 
-    from sinq_vllm.assets import read_corpus
+    from bench_support.assets import read_corpus
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     text = read_corpus(corpus, strip_doc_tags=strip_doc_tags)
@@ -458,12 +458,32 @@ def rel(path: Path) -> str:
         return str(path)
 
 
+def relativize(obj):
+    """``obj`` with every path string inside the repository made relative to it (results
+    committed to git must not name the machine they ran on)."""
+    if isinstance(obj, dict):
+        return {k: relativize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [relativize(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith(str(REPO) + "/"):
+        return obj[len(str(REPO)) + 1:]
+    return obj
+
+
 def write_result(name: str, text: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / name
     p.write_text(text if text.endswith("\n") else text + "\n")
     log(f"wrote {rel(p)}")
     return p
+
+
+def publish(script: str, out: str, md: str, elapsed: float) -> int:
+    """Write ``results/<out>.md``, print it, log the run time; the exit code of a finished run."""
+    write_result(f"{out}.md", md)
+    print("\n" + md)
+    log(f"{script} finished in {elapsed / 60:.1f} min")
+    return 0
 
 
 def pyplot():

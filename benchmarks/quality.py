@@ -102,7 +102,7 @@ def vllm_eval(model_dir: Path, quantization: str | None, windows: dict, bos, win
     res = {"load_s": time.perf_counter() - t0, "nll": {}, "count": {}}
     try:
         if quantization == "sinq":
-            from sinq_vllm.memory import sinq_weight_bytes
+            from sinq_vllm.vllm.memory import sinq_weight_bytes
 
             res["mem"] = llm.apply_model(sinq_weight_bytes)[0]
         t0 = time.perf_counter()
@@ -578,8 +578,8 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t_start
     C.RESULTS.mkdir(parents=True, exist_ok=True)
     keep = ("tokens", "window", "hf_tokens", "keep_doc_tags", "full", "out", "reference", "ref_tokens")
-    raw.write_text(json.dumps({"args": {k: getattr(args, k) for k in keep}, "argv": sys.argv[1:],
-                               "elapsed": elapsed, "machine": machine, "results": results}, indent=1))
+    raw.write_text(json.dumps(C.relativize({"args": {k: getattr(args, k) for k in keep}, "argv": sys.argv[1:],
+                                            "elapsed": elapsed, "machine": machine, "results": results}), indent=1))
     write_outputs(results, args, elapsed, machine)
     C.log(f"quality.py finished in {elapsed / 60:.1f} min")
     return 0

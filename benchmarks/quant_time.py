@@ -229,10 +229,7 @@ def main(argv=None) -> int:
             C.log(f"  reference: quantize_model {reference['quantize_seconds']:.1f} s, process {reference['process_s']:.1f} s")
     elapsed = time.perf_counter() - t_start
     md = markdown(runs, base, args, src, machine, elapsed, reference)
-    C.write_result(f"{args.out}.md", md)
-    print("\n" + md)
-    C.log(f"quant_time.py finished in {elapsed / 60:.1f} min")
-    return 0
+    return C.publish("quant_time.py", args.out, md, elapsed)
 
 
 if __name__ == "__main__":

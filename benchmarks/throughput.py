@@ -18,7 +18,7 @@ Per engine and batch size (1/16/64 by default): prompts of ``--prompt-len`` toke
 - one per sequence) / (generate time - prefill time), the prefill time being a
 ``max_tokens=1`` call on the same prompts; best of ``--repeats`` after a warm-up.
 Also reported: weights memory (resident bytes of the quantized/linear layers in the
-engine, ``sinq_vllm.memory.sinq_weight_bytes`` for SINQ, and the bf16 equivalent), the KV
+engine, ``sinq_vllm.vllm.memory.sinq_weight_bytes`` for SINQ, and the bf16 equivalent), the KV
 cache the engine allocated, and the KV tokens the saved weight bytes would hold.
 
 Finally it runs vLLM's own benchmark CLI on the SINQ checkpoint and records its
@@ -180,7 +180,7 @@ def worker(spec: dict, result_file: str) -> int:
     try:
         res["mem"] = llm.apply_model(C.layer_bytes)[0]
         if spec["quantization"] == "sinq":
-            from sinq_vllm.memory import sinq_weight_bytes
+            from sinq_vllm.vllm.memory import sinq_weight_bytes
 
             res["sinq_mem"] = llm.apply_model(sinq_weight_bytes)[0]
     except Exception as e:  # noqa: BLE001 - memory accounting is best effort
@@ -501,10 +501,7 @@ def main(argv=None) -> int:
     md = markdown(models, args, machine, elapsed)
     if has_plot:
         md += f"\n![decode tokens/s]({png.name})\n"
-    C.write_result(f"{args.out}.md", md)
-    print("\n" + md)
-    C.log(f"throughput.py finished in {elapsed / 60:.1f} min")
-    return 0
+    return C.publish("throughput.py", args.out, md, elapsed)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def _ensure_importable() -> None:
 
     if importlib.util.find_spec("sinq_vllm") is None and str(REPO) not in sys.path:
         sys.path.append(str(REPO))
+    sys.path.append(str(REPO / "benchmarks"))  # bench_support: the shipped model, GGUF conversion
 
 PROMPTS = [
     "What is the capital of France?",
@@ -104,8 +105,8 @@ def engine_rss() -> int | None:
 # --------------------------------------------------------------------------------------
 
 def step_convert(work: Path) -> Path:
-    from sinq_vllm.assets import AssetNotFoundError, smollm2_gguf_path
-    from sinq_vllm.gguf_convert import gguf_to_hf, is_converted
+    from bench_support.assets import AssetNotFoundError, smollm2_gguf_path
+    from bench_support.gguf_convert import gguf_to_hf, is_converted
 
     out = work / "smollm2-135m-instruct-bf16"
     try:

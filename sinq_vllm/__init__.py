@@ -15,7 +15,7 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from .vllm_plugin import register_with_vllm
+    from .vllm.plugin import register_with_vllm
 
     register_with_vllm()
     _REGISTERED = True

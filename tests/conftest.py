@@ -21,6 +21,9 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+# the benchmarks' support package (shipped model and text, GGUF conversion); appended, never
+# the repo root (its triton_kernels/ folder would shadow the package vLLM imports)
+sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from tiny_models import make_tiny_model, make_tokenizer  # noqa: E402
 

@@ -37,7 +37,7 @@ def make_checkpoint_experts(num_experts, hidden, inter, group=64, nbits=4, seed=
 class FakeRoutedExperts(nn.Module):
     def __init__(self, num_experts, hidden, inter, tp_rank=0, tp_size=1, dtype=torch.float32):
         super().__init__()
-        from sinq_vllm.moe_method import MoEActivation
+        from sinq_vllm.vllm.moe import MoEActivation
 
         self.moe_config = SimpleNamespace(
             activation=MoEActivation.SILU, is_act_and_mul=True, has_bias=False, intermediate_size=inter,
@@ -56,7 +56,7 @@ class FakeRoutedExperts(nn.Module):
 
 def load_experts(ckpt, num_experts, hidden, inter, tp_rank=0, tp_size=1, prefix="model.layers.0.mlp.experts"):
     """(method, layer) after create_weights, loading and process_weights_after_loading."""
-    from sinq_vllm.moe_method import SinqMoEMethod
+    from sinq_vllm.vllm.moe import SinqMoEMethod
 
     layer = FakeRoutedExperts(num_experts, hidden, inter, tp_rank, tp_size)
     metas = {sid: [ckpt[(e, sid)][1] for e in range(num_experts)] for sid in PROJ}

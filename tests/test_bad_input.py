@@ -21,7 +21,7 @@ def broken(good, tmp_path):
 
 def _load_config(ckpt):
     """What vLLM does in the front-end process before any engine starts."""
-    from sinq_vllm.config import SinqConfig
+    from sinq_vllm.vllm.config import SinqConfig
 
     cfg = SinqConfig()
     cfg.maybe_update_config(str(ckpt))
@@ -60,7 +60,7 @@ def test_two_d_tiling_rejected(broken):
 
 
 def test_two_d_tiling_in_quantization_config_rejected():
-    from sinq_vllm.config import SinqConfig
+    from sinq_vllm.vllm.config import SinqConfig
 
     with pytest.raises(SinqCheckpointError, match="tiling_mode='2D'"):
         SinqConfig.from_config({"quant_method": "sinq", "nbits": 4, "group_size": 64, "tiling_mode": "2D"})
@@ -111,7 +111,7 @@ def test_not_a_sinq_checkpoint(model_factory):
 
 
 def test_bad_quantization_config_options():
-    from sinq_vllm.config import SinqConfig
+    from sinq_vllm.vllm.config import SinqConfig
 
     with pytest.raises(SinqConfigError, match=r"nbits=7 .*valid values"):
         SinqConfig.from_config({"quant_method": "sinq", "nbits": 7})
@@ -133,7 +133,7 @@ def test_unknown_backend_env(monkeypatch):
 def _layer(ckpt, suffix):
     from safetensors import safe_open
 
-    from sinq_vllm.checkpoint import read_layer_metas
+    from sinq_vllm.format.checkpoint import read_layer_metas
 
     meta = next(m for n, m in read_layer_metas(str(ckpt)).items() if n.endswith(suffix))
     tensors = {}
@@ -146,7 +146,7 @@ def _layer(ckpt, suffix):
 
 
 def _decode(meta, tensors):
-    from sinq_vllm.assembly import ShardSlice, decode_shard
+    from sinq_vllm.vllm.assembly import ShardSlice, decode_shard
 
     return decode_shard(meta, tensors, ShardSlice(0, meta.out_features, 0, meta.in_features))
 

@@ -111,8 +111,8 @@ def test_convert_reference_pt_equals_its_safetensors_writer(arch, reference_repo
 
 def test_convert_synthetic_pt_with_legacy_layers(sinq_factory, tmp_path):
     """Unpacked W_q and plain fp16 scales/zeros in a .pt convert and decode like the originals."""
-    from sinq_vllm.assembly import ShardSlice, decode_shard
-    from sinq_vllm.checkpoint import read_layer_metas
+    from sinq_vllm.vllm.assembly import ShardSlice, decode_shard
+    from sinq_vllm.format.checkpoint import read_layer_metas
     from sinq_vllm.format.packing import unpack_planar
 
     src = sinq_factory("qwen3", nbits=4, group_size=64)
@@ -176,7 +176,7 @@ def test_convert_refuses_malicious_pickle(tmp_path, capsys):
 
 
 def test_convert_rejects_non_checkpoint_objects(tmp_path):
-    from sinq_vllm.convert_pt import convert_pt
+    from sinq_vllm.cli.convert import convert_pt
 
     src = tmp_path / "odd"
     src.mkdir()

@@ -1,5 +1,5 @@
 """The C++ CPU kernel (``torch.ops.sinq_vllm.cpu_linear``) against an independent float32
-reference written here from the op's math (DESIGN.md §1):
+reference written here from the op's math (docs/design.md §1; tests/kernel_reference.py):
 
     y[m, n] = sum_k (x[m, k] * t[shard(n), k]) * (Q[n, k] - z[n, k // g]) * s[n, k // g] + bias[n]
 
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 cpu_backend = pytest.importorskip("sinq_vllm.kernels.cpu_backend")
-from sinq_vllm.kernels.base import SinqWeights, spec_of  # noqa: E402
+from sinq_vllm.kernels.contract import spec_of  # noqa: E402
+from kernel_reference import make_weights, reference, rel_err  # noqa: E402
 
 EXT = cpu_backend.load_extension()
 pytestmark = pytest.mark.skipif(EXT is None, reason=f"CPU kernel unavailable: {cpu_backend.extension_error()}")
@@ -24,45 +25,6 @@ pytestmark = pytest.mark.skipif(EXT is None, reason=f"CPU kernel unavailable: {c
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MS = (1, 3, 16, 33, 128)
-
-
-def make_weights(shard_sizes, k, nbits, group, seed=0) -> SinqWeights:
-    gen = torch.Generator().manual_seed(seed)
-    n = sum(shard_sizes)
-    g_count = k // group
-    offs = [0]
-    for s in shard_sizes:
-        offs.append(offs[-1] + s)
-    qmax = 2**nbits - 1
-    codes = torch.randint(0, qmax + 1, (n, k), generator=gen, dtype=torch.uint8)
-    scales = (torch.rand(n, g_count, generator=gen) * 0.05 + 0.005).half()
-    # float zeros in code units, deliberately not integers
-    zeros = (torch.rand(n, g_count, generator=gen) * qmax).half()
-    # distinct column scales per shard
-    col = (torch.rand(len(shard_sizes), k, generator=gen) * 1.5 + 0.25).half()
-    return SinqWeights(codes, scales, zeros, col, tuple(offs), nbits, group)
-
-
-def reference(w: SinqWeights, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """float32: dequant (Q - z) * s per group, x * t per shard, matmul."""
-    n, k = w.codes.shape
-    g = w.group_size
-    q = w.codes.to(torch.float32).view(n, k // g, g)
-    deq = ((q - w.zeros.float()[..., None]) * w.scales.float()[..., None]).view(n, k)
-    xf = x.to(torch.float32).reshape(-1, k)
-    outs = []
-    offs = w.shard_offsets
-    for s in range(len(offs) - 1):
-        xs = xf * w.col_scales[s].float()
-        outs.append(xs @ deq[offs[s] : offs[s + 1]].T)
-    y = torch.cat(outs, dim=1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.reshape(*x.shape[:-1], n)
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sinq_vllm.kernels import gpu_layout
-from sinq_vllm.kernels.base import SinqWeights
+from kernel_reference import make_weights, reference
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 KWARPS, KTILES = 4, 2
@@ -194,28 +194,6 @@ def plan_split_k(k, group, requested):
     split = max(1, min(requested, groups))
     gps = -(-groups // split)
     return -(-groups // gps), gps * group
-
-
-def make_weights(shard_sizes, k, nbits, group, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    n = sum(shard_sizes)
-    offs = [0]
-    for s in shard_sizes:
-        offs.append(offs[-1] + s)
-    qmax = 2**nbits - 1
-    codes = torch.randint(0, qmax + 1, (n, k), generator=gen, dtype=torch.uint8)
-    scales = (torch.rand(n, k // group, generator=gen) * 0.05 + 0.005).half()
-    zeros = (torch.rand(n, k // group, generator=gen) * qmax).half()
-    col = (torch.rand(len(shard_sizes), k, generator=gen) * 1.5 + 0.25).half()
-    return SinqWeights(codes, scales, zeros, col, tuple(offs), nbits, group)
-
-
-def reference(w, x):
-    n, k = w.codes.shape
-    g = w.group_size
-    deq = ((w.codes.float().view(n, k // g, g) - w.zeros.float()[..., None]) * w.scales.float()[..., None]).view(n, k)
-    o = w.shard_offsets
-    return torch.cat([(x.float() * w.col_scales[s].float()) @ deq[o[s] : o[s + 1]].T for s in range(len(o) - 1)], 1)
 
 
 @pytest.mark.parametrize(

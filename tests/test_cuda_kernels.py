@@ -1,6 +1,6 @@
 """The CUDA backend on a GPU: ``torch.ops.sinq_vllm.cuda_gemv`` (decode kernel, M <= 16)
 and ``torch.ops.sinq_vllm.cuda_linear`` (decode kernel or Triton by M) against an
-independent float32 reference written here from the op's math (DESIGN.md §1):
+independent float32 reference written here from the op's math (docs/design.md §1; tests/kernel_reference.py):
 
     y[m, n] = sum_k (x[m, k] * t[shard(n), k]) * (Q[n, k] - z[n, k // g]) * s[n, k // g] + bias[n]
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_reference import make_weights, reference, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -33,42 +34,6 @@ def ext():
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the decode kernel needs compute capability 8.0+")
     return module
-
-
-def make_weights(shard_sizes, k, nbits, group, seed=0):
-    from sinq_vllm.kernels.base import SinqWeights
-
-    gen = torch.Generator().manual_seed(seed)
-    n = sum(shard_sizes)
-    offs = [0]
-    for s in shard_sizes:
-        offs.append(offs[-1] + s)
-    qmax = 2**nbits - 1
-    codes = torch.randint(0, qmax + 1, (n, k), generator=gen, dtype=torch.uint8)
-    scales = (torch.rand(n, k // group, generator=gen) * 0.05 + 0.005).half()
-    zeros = (torch.rand(n, k // group, generator=gen) * qmax).half()
-    col = (torch.rand(len(shard_sizes), k, generator=gen) * 1.5 + 0.25).half()
-    return SinqWeights(codes, scales, zeros, col, tuple(offs), nbits, group)
-
-
-def reference(w, x, bias):
-    n, k = w.codes.shape
-    g = w.group_size
-    q = w.codes.to(torch.float32).view(n, k // g, g)
-    deq = ((q - w.zeros.float()[..., None]) * w.scales.float()[..., None]).view(n, k).to(x.device)
-    xf = x.to(torch.float32).reshape(-1, k)
-    outs = []
-    offs = w.shard_offsets
-    for s in range(len(offs) - 1):
-        outs.append((xf * w.col_scales[s].float().to(x.device)) @ deq[offs[s] : offs[s + 1]].T)
-    y = torch.cat(outs, dim=1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.reshape(*x.shape[:-1], n)
-
-
-def rel_err(y, ref):
-    return ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 def resident(w):
@@ -185,7 +150,7 @@ def test_opcheck(ext):
 
 
 def test_torch_compile_dynamic_batch(ext):
-    from sinq_vllm.kernels.base import spec_of
+    from sinq_vllm.kernels.contract import spec_of
     from sinq_vllm.kernels.cuda_backend import CudaBackend
 
     w = make_weights((129, 45), 384, 4, 64, seed=11)
@@ -200,7 +165,7 @@ def test_torch_compile_dynamic_batch(ext):
 
 def test_selection_prefers_cuda_and_honours_override(ext, monkeypatch):
     from sinq_vllm.kernels import selection
-    from sinq_vllm.kernels.base import spec_of
+    from sinq_vllm.kernels.contract import spec_of
 
     spec = spec_of(make_weights((129,), 384, 4, 64))
     dev = torch.device("cuda")

@@ -223,7 +223,7 @@ def test_reference_rotary_buffers_are_dropped_by_the_weight_mapper(repo):
     vLLM's own mapper drops only inv_freq, so ours must drop original_inv_freq."""
     from vllm.model_executor.models.utils import AutoWeightsLoader
 
-    from sinq_vllm.config import SinqConfig
+    from sinq_vllm.vllm.config import SinqConfig
 
     ckpt = repo["qwen3"].safetensors_dir
     names = json.loads((ckpt / INDEX).read_text())["weight_map"]
@@ -242,7 +242,7 @@ def test_reference_rotary_buffers_are_dropped_by_the_weight_mapper(repo):
 
 
 def test_legacy_model_prefix_is_mapped(repo, tmp_path):
-    from sinq_vllm.config import SinqConfig
+    from sinq_vllm.vllm.config import SinqConfig
 
     legacy = make_legacy_variant(repo["qwen3"].safetensors_dir, tmp_path / "prefixed",
                                  unpacked_layer=None, plain_layer=None)
@@ -259,8 +259,8 @@ def test_legacy_model_prefix_is_mapped(repo, tmp_path):
 @pytest.mark.parametrize("layout", ["grouped", "matrix"])
 def test_unpacked_codes_decode_like_packed(repo, layout):
     """Gemlite-era W_q: the codes unpacked ([R, g] or [N, K]) while meta.packing says packed."""
-    from sinq_vllm.assembly import ShardSlice, decode_shard
-    from sinq_vllm.checkpoint import read_layer_metas
+    from sinq_vllm.vllm.assembly import ShardSlice, decode_shard
+    from sinq_vllm.format.checkpoint import read_layer_metas
     from sinq_vllm.format.packing import unpack_planar
 
     for arch in ("qwen3", "llama"):  # 4-bit u8 and 3-bit int32 planar packing
@@ -278,7 +278,7 @@ def test_unpacked_codes_decode_like_packed(repo, layout):
 def test_plain_reference_sidecar_entries_parse(repo, tmp_path):
     """Non-aux layers as the reference writes them: fp16 meta.scale/meta.zero and no
     scale.shape/zero.shape in the sidecar (its writer records shapes only for quantAux)."""
-    from sinq_vllm.checkpoint import read_layer_metas
+    from sinq_vllm.format.checkpoint import read_layer_metas
 
     legacy = make_legacy_variant(repo["llama"].safetensors_dir, tmp_path / "plain", prefix=False,
                                  unpacked_layer=None, plain_layer=0)

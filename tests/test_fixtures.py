@@ -29,7 +29,7 @@ def tok_dir(tmp_path_factory):
 # --------------------------------------------------------------------------------------
 
 def test_assets_corpus_and_messages(monkeypatch):
-    from sinq_vllm import assets
+    from bench_support import assets
 
     try:
         p = assets.corpus_path("wiki")
@@ -50,7 +50,7 @@ def test_assets_corpus_and_messages(monkeypatch):
 
 
 def test_assets_smollm2_path():
-    from sinq_vllm import assets
+    from bench_support import assets
 
     try:
         p = assets.smollm2_gguf_path()
@@ -60,7 +60,7 @@ def test_assets_smollm2_path():
 
 
 def test_gguf_convert_marker(tmp_path):
-    from sinq_vllm.gguf_convert import is_converted
+    from bench_support.gguf_convert import is_converted
 
     assert not is_converted(tmp_path)
     assert not is_converted(tmp_path / "missing")

@@ -546,8 +546,9 @@ def run_pipeline(model_dir: Path) -> str:
     """Front end, then per-module load-time decode, as vLLM runs them. Returns the stage reached."""
     from safetensors import safe_open
 
-    from sinq_vllm.assembly import ShardSlice, decode_shard, required_keys
-    from sinq_vllm.config import SinqConfig
+    from sinq_vllm.vllm.assembly import ShardSlice, decode_shard
+    from sinq_vllm.format.tensor_specs import required_keys
+    from sinq_vllm.vllm.config import SinqConfig
 
     cfg = SinqConfig()
     cfg.maybe_update_config(str(model_dir))
@@ -596,7 +597,7 @@ def _classify(case: Case, model_dir: Path) -> dict:
 
 def _worker_main(argv: list[str]) -> None:
     args = json.loads(argv[0])
-    import sinq_vllm.config  # noqa: F401  (imports vLLM: before the per-case watchdog starts)
+    import sinq_vllm.vllm.config  # noqa: F401  (imports vLLM: before the per-case watchdog starts)
     import safetensors  # noqa: F401
 
     bases = {name: Ckpt(Path(p)) for name, p in args["bases"].items()}
@@ -743,9 +744,9 @@ def test_fuzzed_checkpoints_fail_cleanly(fuzz_bases, tmp_path):
 def test_hub_snapshot_may_lack_shards_a_local_folder_may_not(fuzz_bases, tmp_path):
     """A Hub cache snapshot gets its weights after the front end runs: listed shards that are
     not there yet are skipped (and reported); in a local folder they are an error."""
-    from sinq_vllm.checkpoint import read_layer_metas
+    from sinq_vllm.format.checkpoint import read_layer_metas
     from sinq_vllm.errors import SinqCheckpointError
-    from sinq_vllm.validation import validate_checkpoint
+    from sinq_vllm.format.validation import validate_checkpoint
 
     ckpt = Path(shutil.copytree(fuzz_bases["llama-w4-aux-3shards"], tmp_path / "snap"))
     shard = sorted(set(json.loads((ckpt / INDEX).read_text())["weight_map"].values()))[1]
@@ -762,7 +763,7 @@ SMOLLM2_SINQ = Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-1
 
 @pytest.mark.skipif(not (SMOLLM2_SINQ / SIDECAR).is_file(), reason="no SmolLM2 SINQ artifact (run `make demo`)")
 def test_real_checkpoint_validates_from_headers_only():
-    from sinq_vllm.validation import validate_model_dir
+    from sinq_vllm.format.validation import validate_model_dir
 
     report = validate_model_dir(str(SMOLLM2_SINQ))
     data = sum(p.stat().st_size for p in SMOLLM2_SINQ.glob("*.safetensors"))

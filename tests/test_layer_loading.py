@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from reference_dequant import dequant_layer, reference_linear
-from sinq_vllm.assembly import ShardSlice, assemble
-from sinq_vllm.kernels.base import spec_of
-from sinq_vllm.kernels.selection import _BACKENDS, _load
+from sinq_vllm.vllm.assembly import ShardSlice, assemble
+from sinq_vllm.kernels.contract import spec_of
+from sinq_vllm.kernels.selection import available_backends, load_backend
 from sinq_vllm.quantizer import quantize_weight
 
-BACKENDS = [name for name in _BACKENDS if _load(name)[0] is not None]
+BACKENDS = available_backends()
 TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
@@ -40,7 +40,7 @@ def _sidecar_dict(meta):
 
 def _run(backend_name, metas, tensors_list, parts, x):
     weights = assemble(metas, tensors_list, parts, torch.device("cpu"))
-    backend = _load(backend_name)[0]
+    backend = load_backend(backend_name)[0]
     spec = spec_of(weights)
     assert backend.unsupported_reason(spec, x.dtype, x.device) is None
     return backend.apply(backend.prepare(weights), spec, x, None)

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from reference_dequant import reference_linear
-from sinq_vllm.format.layer_meta import SIDECAR_NAME
-from sinq_vllm.lm_head_method import SinqLMHeadMethod
+from sinq_vllm.format.names import SIDECAR_NAME
+from sinq_vllm.vllm.lm_head import SinqLMHeadMethod
 from sinq_vllm.quantizer import quantize_weight
-from sinq_vllm.vllm_compat import ParallelLMHead
+from sinq_vllm.vllm.compat import ParallelLMHead
 from test_layer_loading import BACKENDS, TOL, _weight
 
 VOCAB, HIDDEN, PAD_TO = 520, 256, 64

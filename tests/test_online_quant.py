@@ -12,8 +12,8 @@ import torch
 from conftest import vllm_engine
 from reference_dequant import dequantized_model
 from sinq_vllm.errors import SinqConfigError
-from sinq_vllm.memory import sinq_weight_bytes
-from sinq_vllm.online import OnlineOptions, options_from_config, options_from_env
+from sinq_vllm.vllm.memory import sinq_weight_bytes
+from sinq_vllm.vllm.online import OnlineOptions, options_from_config, options_from_env
 from test_vllm_models import _max_logprob_diff, _prompt_ids, _vllm_outputs
 
 

@@ -59,7 +59,7 @@ def test_unknown_backend_fails_in_the_front_end_listing_valid_values(ckpt, monke
 
 def test_forced_backend_that_cannot_run_names_layer_variable_and_reason(monkeypatch):
     from sinq_vllm.kernels import cpu_backend, selection
-    from sinq_vllm.kernels.base import LayerSpec
+    from sinq_vllm.kernels.contract import LayerSpec
 
     reason = "simulated: the sinq_vllm._C_cpu extension was not built"
     monkeypatch.setattr(cpu_backend.CpuBackend, "unavailable_reason", classmethod(lambda cls: reason))

@@ -18,7 +18,8 @@ from sinq_vllm.cli import main as cli_main
 from sinq_vllm.errors import SinqCheckpointError, SinqConfigError
 from sinq_vllm.quantizer import quantize_model, quantize_weight, quantize_weight_detailed, quantized_layout
 from sinq_vllm.quantizer.sinkhorn import imbalance, sinkhorn_log
-from sinq_vllm.quantizer.writer import ShardWriter, TensorSpec, parse_size, plan_shards
+from sinq_vllm.format.safetensors_io import PlannedTensor, ShardWriter
+from sinq_vllm.quantizer.writer import parse_size, plan_shards
 
 # ---------------------------------------------------------------------------------------------
 # Independent oracles (sinq-format.md §2.10 and §1.2-§1.4)
@@ -308,7 +309,7 @@ def test_shard_writer_round_trips_through_safetensors(tmp_path):
         "d": torch.randn(5).half(),
     }
     items = list(tensors)
-    specs = {k: [TensorSpec(k, {torch.uint8: "U8", torch.bfloat16: "BF16", torch.int32: "I32",
+    specs = {k: [PlannedTensor(k, {torch.uint8: "U8", torch.bfloat16: "BF16", torch.int32: "I32",
                                 torch.float16: "F16"}[v.dtype], tuple(v.shape))] for k, v in tensors.items()}
     shards = plan_shards(items, specs.__getitem__, max_shard_size=34)  # 10 + 24 | 4 + 10
     assert [s.items for s in shards] == [["a", "b"], ["c", "d"]]

@@ -131,7 +131,7 @@ def test_loader_decodes_reference_written_layers(name, reference):
     """Every reference-written layer goes through the loader's parse + decode path
     (``LayerMeta.from_sidecar`` on the reference's own sidecar entry, then
     ``assembly.decode_shard``) to the oracle's float32 weights."""
-    from sinq_vllm.assembly import ShardSlice, decode_shard
+    from sinq_vllm.vllm.assembly import ShardSlice, decode_shard
     from sinq_vllm.format.layer_meta import LayerMeta
 
     tensors, meta_dict = reference[name]

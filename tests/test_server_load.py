@@ -26,20 +26,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from conftest import vllm_engine
+from vllm_server import serve
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +45,6 @@ CONCURRENCY = 16
 MAX_MODEL_LEN = 256
 REQUEST_TIMEOUT_S = 60
 LOAD_TIMEOUT_S = 150
-STARTUP_TIMEOUT_S = 300
 RSS_GROWTH_BOUND = 64 * 2**20  # bytes, between the early and the final measurement (measured: +6 MiB)
 MODEL_NAME = "tiny-sinq"
 
@@ -91,50 +85,6 @@ def offline_greedy(checkpoint):
 
 # --------------------------------------------------------------------------------------------
 # the server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(model_dir: Path, log_path: Path):
-    import httpx
-
-    vllm_cli = Path(sys.executable).parent / "vllm"
-    port = _free_port()
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(
-        [str(vllm_cli), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--served-model-name", MODEL_NAME,
-         "--seed", "0"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ}, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail("vllm serve did not become healthy in time")
-            time.sleep(1)
-        yield base, proc, log
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def tree_rss(pid: int) -> int:
@@ -295,7 +245,9 @@ async def _wait_idle(client, base: str, timeout: float = 20) -> dict:
 def test_server_under_mixed_load(checkpoint, offline_greedy, tmp_path):
     plan = build_plan(SEED)
     assert len(plan) == N_REQUESTS
-    with serve(checkpoint, tmp_path / "server.log") as (base, proc, log):
+    with serve(checkpoint, tmp_path / "server.log", served_name=MODEL_NAME, max_model_len=MAX_MODEL_LEN) as (
+        base, proc, log
+    ):
         rss_start = tree_rss(proc.pid)
         stats = asyncio.run(asyncio.wait_for(run_load(base, proc.pid, plan), LOAD_TIMEOUT_S))
         alive = proc.poll() is None

@@ -8,7 +8,6 @@ weights, i.e. what tp=1 matches to 1e-5 in test_vllm_models; tolerance 1e-3 as t
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -46,8 +45,8 @@ def test_tp2_matches_dequantized_reference(sinq_factory, monkeypatch):
 def test_row_parallel_split_off_group_boundary_is_refused():
     """K / tp not a multiple of the group size: a clear error naming the layer and the tp sizes that work."""
     from sinq_vllm.format.layer_meta import LayerMeta
-    from sinq_vllm.linear_method import SinqLinearMethod
-    from sinq_vllm.vllm_compat import RowParallelLinear
+    from sinq_vllm.vllm.linear import SinqLinearMethod
+    from sinq_vllm.vllm.compat import RowParallelLinear
 
     meta = LayerMeta("model.layers.0.mlp.down_proj", 4, 64, 64, 128, 192, "sinq_quantAux", "4bit_u8", True,
                      (384, 1), (384, 1), None)

@@ -1,5 +1,5 @@
 """The Triton kernels (``sinq_vllm.triton_kernels.sinq_gemm``) and the ``triton`` backend
-against an independent float32 reference written here from the op's math (DESIGN.md §1):
+against an independent float32 reference written here from the op's math (docs/design.md §1; tests/kernel_reference.py):
 
     y[m, n] = sum_k (x[m, k] * t[shard(n), k]) * (Q[n, k] - z[n, k // g]) * s[n, k // g] + bias[n]
 
@@ -26,8 +26,9 @@ import torch
 pytest.importorskip("triton")
 
 from sinq_vllm.kernels import gpu_layout  # noqa: E402
-from sinq_vllm.kernels.base import SinqWeights, spec_of  # noqa: E402
+from sinq_vllm.kernels.contract import spec_of  # noqa: E402
 from sinq_vllm.triton_kernels import sinq_gemm  # noqa: E402
+from kernel_reference import make_weights, reference, rel_err  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 INTERP = sinq_gemm.load_interpreted()
@@ -37,41 +38,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def kernels_for(device: str):
     return INTERP if device == "cpu" else sinq_gemm
-
-
-def make_weights(shard_sizes, k, nbits, group, seed=0) -> SinqWeights:
-    gen = torch.Generator().manual_seed(seed)
-    n = sum(shard_sizes)
-    offs = [0]
-    for s in shard_sizes:
-        offs.append(offs[-1] + s)
-    qmax = 2**nbits - 1
-    codes = torch.randint(0, qmax + 1, (n, k), generator=gen, dtype=torch.uint8)
-    scales = (torch.rand(n, k // group, generator=gen) * 0.05 + 0.005).half()
-    zeros = (torch.rand(n, k // group, generator=gen) * qmax).half()  # float zeros, not integers
-    col = (torch.rand(len(shard_sizes), k, generator=gen) * 1.5 + 0.25).half()  # distinct per shard
-    return SinqWeights(codes, scales, zeros, col, tuple(offs), nbits, group)
-
-
-def reference(w: SinqWeights, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """float32: dequant (Q - z) * s per group, x * t per shard, matmul."""
-    n, k = w.codes.shape
-    g = w.group_size
-    q = w.codes.to(torch.float32).view(n, k // g, g)
-    deq = ((q - w.zeros.float()[..., None]) * w.scales.float()[..., None]).view(n, k)
-    xf = x.to(torch.float32).reshape(-1, k)
-    outs = []
-    offs = w.shard_offsets
-    for s in range(len(offs) - 1):
-        outs.append((xf * w.col_scales[s].float()) @ deq[offs[s] : offs[s + 1]].T)
-    y = torch.cat(outs, dim=1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.reshape(*x.shape[:-1], n)
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.float().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 def run(w, x, bias, device="cpu", align=32, **kw):
@@ -262,7 +228,7 @@ def test_backend_op_3d_input_and_opcheck(monkeypatch):
 
 def test_backend_rejects_unsupported_layers():
     from sinq_vllm.kernels import triton_backend
-    from sinq_vllm.kernels.base import LayerSpec
+    from sinq_vllm.kernels.contract import LayerSpec
 
     backend = triton_backend.TritonBackend()
     cuda = torch.device("cuda")
@@ -282,7 +248,7 @@ def test_autotuner_construction():
 def test_selection_on_cpu_skips_gpu_backends(monkeypatch):
     from sinq_vllm.errors import SinqConfigError
     from sinq_vllm.kernels import selection
-    from sinq_vllm.kernels.base import LayerSpec
+    from sinq_vllm.kernels.contract import LayerSpec
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only behaviour")

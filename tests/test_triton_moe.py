@@ -190,7 +190,7 @@ def test_align_block_size(moe):
 def test_sinq_moe_method_triton_path(moe, monkeypatch, dtype):
     """SinqMoEMethod's CUDA wiring, run on CPU: the kernel choice forced to "triton", so the
     experts are stacked in the torch backend's layout and apply() calls sinq_fused_moe."""
-    import sinq_vllm.moe_method as mm
+    import sinq_vllm.vllm.moe as mm
     from moe_fakes import load_experts, make_checkpoint_experts, reference_moe_output
 
     monkeypatch.setattr(mm, "_choose_kernel", lambda device: "triton")

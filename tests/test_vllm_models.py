@@ -14,7 +14,7 @@ import torch
 
 from conftest import vllm_engine
 from reference_dequant import dequantized_model
-from sinq_vllm.memory import sinq_weight_bytes
+from sinq_vllm.vllm.memory import sinq_weight_bytes
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a little", "In the beginning"]
 GREEDY_STEPS = 32

@@ -22,7 +22,7 @@ import torch
 
 from conftest import vllm_engine
 from test_vllm_models import _max_logprob_diff, _prompt_ids, _reference, _vllm_outputs
-from sinq_vllm.memory import sinq_weight_bytes
+from sinq_vllm.vllm.memory import sinq_weight_bytes
 
 MOE = dict(num_hidden_layers=3, mlp_only_layers=[1])
 
@@ -32,7 +32,7 @@ def _sidecar(ckpt):
 
 
 def _moe_layer_methods(model):
-    from sinq_vllm.moe_method import SinqMoEMethod
+    from sinq_vllm.vllm.moe import SinqMoEMethod
 
     out = {}
     for name, mod in model.named_modules():
@@ -123,7 +123,7 @@ def test_cli_expert_and_router_flags():
 def test_partially_quantized_experts_are_refused(tmp_path):
     from sinq_vllm.errors import SinqCheckpointError
     from sinq_vllm.format.layer_meta import LayerMeta
-    from sinq_vllm.moe_method import sinq_moe_quant_method
+    from sinq_vllm.vllm.moe import sinq_moe_quant_method
 
     class FakeExperts:  # only what the hook reads; isinstance is checked first
         pass
@@ -138,9 +138,11 @@ def test_partially_quantized_experts_are_refused(tmp_path):
 def _hook_with_fake_routed_experts(metas):
     from types import SimpleNamespace
 
-    from sinq_vllm.moe_method import _api, sinq_moe_quant_method
+    from sinq_vllm.vllm.compat import fused_moe_api
+    from sinq_vllm.vllm.moe import sinq_moe_quant_method
 
-    layer = _api.RoutedExperts.__new__(_api.RoutedExperts)  # no __init__: just the attributes the hook reads
+    routed_experts = fused_moe_api().RoutedExperts
+    layer = routed_experts.__new__(routed_experts)  # no __init__: just the attributes the hook reads
     object.__setattr__(layer, "moe_config", SimpleNamespace(num_logical_experts=2))
     object.__setattr__(layer, "ckpt_gate_proj_name", "gate_proj")
     object.__setattr__(layer, "ckpt_down_proj_name", "down_proj")

@@ -66,7 +66,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def _training_text() -> str:
     """TinyStories text from exllamav2 (fallback: wiki.utf8), found without importing it."""
     try:
-        from sinq_vllm.assets import corpus_path
+        from bench_support.assets import corpus_path
     except ImportError:  # helpers usable without the package installed
         corpus_path = None
     errors = []

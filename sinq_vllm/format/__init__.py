@@ -1,1 +1,1 @@
-"""The on-disk SINQ format of the reference implementation (see sinq-format.md §2)."""
+"""The on-disk SINQ format of the reference implementation (see docs/format.md §2)."""

@@ -1,4 +1,4 @@
-"""quantAux: 8-bit storage of SINQ scales and zeros (sinq-format.md §2.5).
+"""quantAux: 8-bit storage of SINQ scales and zeros (docs/format.md §2.5).
 
 ``rtn8`` mirrors the reference ``Quantizer.rtn8`` and ``dq8`` its inverse ``x * s + m``
 evaluated in fp16, so that dequantizing once at load time reproduces the reference

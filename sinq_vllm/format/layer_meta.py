@@ -1,4 +1,4 @@
-"""Per-layer meta of a SINQ checkpoint (one sidecar entry, sinq-format.md §2.4).
+"""Per-layer meta of a SINQ checkpoint (one sidecar entry, docs/format.md §2.4).
 
 ``LayerMeta`` is the single parsed, validated view of a sidecar entry that the
 loader, the ``inspect`` command and the quantizer writer share.
@@ -11,11 +11,6 @@ from dataclasses import dataclass
 
 from ..errors import SinqCheckpointError
 from .packing import BITS_TO_PACKING, PACKINGS
-
-SIDECAR_SUFFIX = ".meta.json"
-INDEX_NAME = "model.safetensors.index.json"
-SIDECAR_NAME = INDEX_NAME + SIDECAR_SUFFIX
-
 
 @dataclass(frozen=True)
 class LayerMeta:

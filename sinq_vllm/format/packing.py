@@ -2,7 +2,7 @@
 
 Two layouts live here:
 
-* the *planar* layout of the reference checkpoints (sinq-format.md §2.6): codes of the
+* the *planar* layout of the reference checkpoints (docs/format.md §2.6): codes of the
   grouped view ``[R, g]`` are split into ``p`` slabs along dim 0, slab ``i`` in the
   i-th most significant field. Rows far apart share a word, so this layout can never
   be sliced for tensor parallelism: unpack first.

@@ -1,1 +1,1 @@
-"""Kernel backends of the SINQ linear op (DESIGN.md §4)."""
+"""Kernel backends of the SINQ linear op (docs/design.md §4)."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerSpec, SinqWeights
+from .contract import KernelBackend, LayerSpec, SinqWeights, pad_shard_rows
 
 DEFAULT_ALIGN = 128
 
@@ -50,25 +50,6 @@ def container_bits(nbits: int) -> int:
     if nbits <= 8:
         return 8
     raise ValueError(f"{nbits}-bit codes do not fit the GPU layout (at most 8 bits)")
-
-
-def padded_offsets(shard_offsets, align: int) -> list[int]:
-    out = [0]
-    for a, b in zip(shard_offsets[:-1], shard_offsets[1:]):
-        out.append(out[-1] + -(-(b - a) // align) * align)
-    return out
-
-
-def _pad_rows(t: torch.Tensor, shard_offsets, align: int) -> torch.Tensor:
-    parts = []
-    for a, b in zip(shard_offsets[:-1], shard_offsets[1:]):
-        rows = b - a
-        padded = -(-rows // align) * align
-        part = t[a:b]
-        if padded != rows:
-            part = torch.cat([part, part.new_zeros((padded - rows, *t.shape[1:]))])
-        parts.append(part)
-    return torch.cat(parts)
 
 
 def block_table(shard_offsets, align: int, device=None) -> torch.Tensor:
@@ -111,9 +92,9 @@ def repack(weights: SinqWeights, align: int = DEFAULT_ALIGN) -> dict[str, torch.
     n, k = weights.codes.shape
     if len(offs) < 2 or offs[0] != 0 or offs[-1] != n:
         raise ValueError(f"shard offsets {offs} do not partition {n} output rows")
-    codes = _pad_rows(weights.codes.to(torch.uint8), offs, align)
-    s = _pad_rows(weights.scales.to(torch.float16), offs, align)
-    z = _pad_rows(weights.zeros.to(torch.float16), offs, align)
+    codes = pad_shard_rows(weights.codes.to(torch.uint8), offs, align)
+    s = pad_shard_rows(weights.scales.to(torch.float16), offs, align)
+    z = pad_shard_rows(weights.zeros.to(torch.float16), offs, align)
     return {
         "qweight": pack_codes(codes, weights.nbits),
         "scales_zeros": torch.stack([s.t(), z.t()], dim=-1).contiguous(),  # [G, N_pad, 2]
@@ -124,11 +105,54 @@ def repack(weights: SinqWeights, align: int = DEFAULT_ALIGN) -> dict[str, torch.
 
 def layout_unsupported_reason(spec: LayerSpec) -> str | None:
     """Why a layer cannot use this layout (None: it can)."""
-    offs = spec.shard_offsets
     if spec.nbits > 8:
         return f"{spec.nbits}-bit codes (at most 8)"
     if spec.group_size % 16 or spec.in_features % spec.group_size:
         return f"group size {spec.group_size} must be a multiple of 16 dividing in_features {spec.in_features}"
-    if len(offs) < 2 or offs[0] != 0 or offs[-1] != spec.out_features or any(b < a for a, b in zip(offs, offs[1:])):
-        return f"shard offsets {offs} do not partition {spec.out_features} output rows"
-    return None
+    return spec.offsets_problem()
+
+
+#: the schema of every op on this layout: ``x[M, K]`` -> ``[M, out_features]`` in ``x.dtype``
+LINEAR_OP_SCHEMA = (
+    "(Tensor x, Tensor qweight, Tensor scales_zeros, Tensor col_scales, Tensor blk, Tensor? bias, "
+    "int nbits, int group_size, int out_features) -> Tensor"
+)
+
+
+def linear_op_fake(x, qweight, scales_zeros, col_scales, blk, bias, nbits, group_size, out_features, *extra):
+    """Fake (meta) implementation of every op on this layout (``extra``: kernel tuning arguments)."""
+    return x.new_empty((x.shape[0], out_features))
+
+
+def define_linear_op(name: str, impl):
+    """Register ``sinq_vllm::<name>`` with :data:`LINEAR_OP_SCHEMA`, opaque to torch.compile, with its fake."""
+    op = torch.library.custom_op(f"sinq_vllm::{name}", impl, mutates_args=(), schema=LINEAR_OP_SCHEMA)
+    op.register_fake(linear_op_fake)
+    return op
+
+
+class GpuLayoutBackend(KernelBackend):
+    """A backend whose resident tensors are this layout and whose op has :data:`LINEAR_OP_SCHEMA`."""
+
+    op_name: str = "?"
+
+    def __init__(self, align: int = DEFAULT_ALIGN):
+        self.align = align
+
+    def prepare(self, weights: SinqWeights) -> dict[str, torch.Tensor]:
+        return repack(weights, self.align)
+
+    def apply(self, tensors, spec: LayerSpec, x, bias):
+        lead = x.shape[:-1]
+        y = getattr(torch.ops.sinq_vllm, self.op_name)(
+            x.reshape(-1, spec.in_features),
+            tensors["qweight"],
+            tensors["scales_zeros"],
+            tensors["col_scales"],
+            tensors["blk"],
+            bias,
+            spec.nbits,
+            spec.group_size,
+            spec.out_features,
+        )
+        return y.reshape(*lead, spec.out_features)

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import SinqConfigError
 from ..log import get_logger
-from .base import KernelBackend, LayerSpec
+from .contract import KernelBackend, LayerSpec
 
 logger = get_logger(__name__)
 
@@ -39,7 +39,13 @@ _logged: set[tuple] = set()
 
 
 def backend_names() -> list[str]:
+    """Valid values of ``SINQ_VLLM_BACKEND``."""
     return ["auto", *_BACKENDS]
+
+
+def available_backends() -> list[str]:
+    """The backends that can run in this process (built, and with their device present)."""
+    return [name for name in _BACKENDS if load_backend(name)[0] is not None]
 
 
 def requested_backend() -> str:
@@ -49,7 +55,7 @@ def requested_backend() -> str:
     return value
 
 
-def _load(name: str) -> tuple[KernelBackend | None, str | None]:
+def load_backend(name: str) -> tuple[KernelBackend | None, str | None]:
     if name in _instances:
         return _instances[name], None
     module_name, cls_name = _BACKENDS[name].split(":")
@@ -69,9 +75,9 @@ def select_backend(spec: LayerSpec, act_dtype: torch.dtype, device: torch.device
     candidates = (requested,) if requested != "auto" else _PREFERENCE.get(device.type, ("torch",))
     rejected: list[str] = []
     for name in candidates:
-        backend, reason = _load(name)
+        backend, reason = load_backend(name)
         if backend is not None:
-            reason = backend.unsupported_reason(spec, act_dtype, device)
+            reason = _codebook_problem(backend, spec) or backend.unsupported_reason(spec, act_dtype, device)
         if reason is None:
             _log_choice(name, spec, act_dtype, device, rejected)
             return backend
@@ -85,8 +91,15 @@ def select_backend(spec: LayerSpec, act_dtype: torch.dtype, device: torch.device
 
 
 def _fits(name: str, spec: LayerSpec, act_dtype, device) -> bool:
-    backend, _ = _load(name)
-    return backend is not None and backend.unsupported_reason(spec, act_dtype, device) is None
+    backend, _ = load_backend(name)
+    return backend is not None and (_codebook_problem(backend, spec) or backend.unsupported_reason(
+        spec, act_dtype, device)) is None
+
+
+def _codebook_problem(backend: KernelBackend, spec: LayerSpec) -> str | None:
+    if spec.codebook is None or spec.codebook in backend.codebooks:
+        return None
+    return f"{spec.codebook.upper()} codebook layers are not implemented in this backend"
 
 
 def _log_choice(name, spec: LayerSpec, act_dtype, device, rejected) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..format.packing import pack_along_k, unpack_along_k
-from .base import KernelBackend, LayerSpec, SinqWeights
+from .contract import KernelBackend, LayerSpec, SinqWeights
 
 # Output rows dequantized at once: bounds the transient fp32 block to ~16 MiB at K=4096.
 _ROW_BLOCK = 1024

@@ -18,8 +18,8 @@ import os
 
 import torch
 
-from .base import KernelBackend, LayerSpec, SinqWeights
-from .gpu_layout import DEFAULT_ALIGN, layout_unsupported_reason, repack
+from .contract import LayerSpec
+from .gpu_layout import GpuLayoutBackend, define_linear_op, layout_unsupported_reason
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -37,37 +37,21 @@ def kernel_module(device_type: str = "cuda"):
     return sinq_gemm.load_interpreted() if device_type == "cpu" else sinq_gemm
 
 
-@torch.library.custom_op("sinq_vllm::triton_linear", mutates_args=())
-def triton_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales_zeros: torch.Tensor,
-    col_scales: torch.Tensor,
-    blk: torch.Tensor,
-    bias: torch.Tensor | None,
-    nbits: int,
-    group_size: int,
-    out_features: int,
-) -> torch.Tensor:
-    """``x[M, K]`` -> ``[M, out_features]`` in ``x.dtype`` (layout: gpu_layout.py)."""
+def _triton_linear(x, qweight, scales_zeros, col_scales, blk, bias, nbits, group_size, out_features):
     mod = kernel_module(x.device.type)
     return mod.sinq_linear(x, qweight, scales_zeros, col_scales, blk, bias, nbits, group_size, out_features)
 
 
-@triton_linear.register_fake
-def _triton_linear_fake(x, qweight, scales_zeros, col_scales, blk, bias, nbits, group_size, out_features):
-    return x.new_empty((x.shape[0], out_features))
+triton_linear = define_linear_op("triton_linear", _triton_linear)
 
 
 def _interpreter_allowed() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-class TritonBackend(KernelBackend):
+class TritonBackend(GpuLayoutBackend):
     name = "triton"
-
-    def __init__(self, align: int = DEFAULT_ALIGN):
-        self.align = align
+    op_name = "triton_linear"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -89,21 +73,3 @@ class TritonBackend(KernelBackend):
             if major < 8:
                 return "bfloat16 tensor-core dots need compute capability 8.0+"
         return layout_unsupported_reason(spec)
-
-    def prepare(self, weights: SinqWeights) -> dict[str, torch.Tensor]:
-        return repack(weights, self.align)
-
-    def apply(self, tensors, spec: LayerSpec, x, bias):
-        lead = x.shape[:-1]
-        y = torch.ops.sinq_vllm.triton_linear(
-            x.reshape(-1, spec.in_features),
-            tensors["qweight"],
-            tensors["scales_zeros"],
-            tensors["col_scales"],
-            tensors["blk"],
-            bias,
-            spec.nbits,
-            spec.group_size,
-            spec.out_features,
-        )
-        return y.reshape(*lead, spec.out_features)

@@ -1,4 +1,4 @@
-"""SINQ quantizer: writes checkpoints in the reference SINQ format (sinq-format.md §1-§2).
+"""SINQ quantizer: writes checkpoints in the reference SINQ format (docs/format.md §1-§2).
 
 ``quantize_weight`` handles one nn.Linear weight; ``quantize_model`` streams a local
 Hugging Face safetensors folder into a sharded SINQ checkpoint.

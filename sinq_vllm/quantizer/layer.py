@@ -1,4 +1,4 @@
-"""Quantize one nn.Linear weight into the reference checkpoint tensors (sinq-format.md §1, §2.3).
+"""Quantize one nn.Linear weight into the reference checkpoint tensors (docs/format.md §1, §2.3).
 
 The pipeline mirrors ``Quantizer.quantize`` -> ``tiled_quant_rectangle`` ->
 ``quantize_dual_scale_shift`` for 1D tiling and uniform codes:
@@ -16,7 +16,8 @@ import torch
 from ..errors import SinqConfigError
 from ..format.aux8 import SCALE_TILE, dq8, rtn8
 from ..format.layer_meta import LayerMeta
-from ..format.packing import BITS_TO_PACKING, SUPPORTED_BITS, packed_dtype, pack_planar, planar_rows
+from ..format.packing import BITS_TO_PACKING, SUPPORTED_BITS, pack_planar
+from ..format.tensor_specs import expected_tensor_specs
 from ..log import get_logger
 from .rtn import heavy_tailed, quantize_rtn
 from .sinkhorn import sinkhorn_log
@@ -88,30 +89,37 @@ def _check_aux_rows(name: str, rows: int, group: int) -> None:
         )
 
 
+def layer_meta(
+    name: str, out_features: int, in_features: int, nbits: int, group_size: int, method: str, aux: bool,
+    compute_dtype: str = "torch.bfloat16",
+) -> LayerMeta:
+    """The sidecar meta of a layer quantized with these options (the group after the reference fallback)."""
+    group = effective_group_size(in_features, group_size, name)
+    rows = out_features * in_features // group
+    if aux:
+        _check_aux_rows(name, rows, group)
+    return LayerMeta(
+        name=name,
+        nbits=nbits,
+        group_size=group,
+        declared_group_size=group_size,  # the reference keeps the requested size in meta
+        out_features=out_features,
+        in_features=in_features,
+        method=stored_method(method, aux),
+        packing=BITS_TO_PACKING[nbits],
+        aux=aux,
+        scale_shape=(rows, 1),
+        zero_shape=(rows, 1),
+        compute_dtype=compute_dtype,
+    )
+
+
 def quantized_layout(
     out_features: int, in_features: int, nbits: int, group_size: int, aux: bool = True, name: str = "weight"
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """dtype and shape of every tensor :func:`quantize_weight` returns, without quantizing."""
-    g = effective_group_size(in_features, group_size, name)
-    rows = out_features * in_features // g
-    packing = BITS_TO_PACKING[nbits]
-    layout = {
-        "W_q": (packed_dtype(packing), (planar_rows(rows, packing), g)),
-        "meta.scale2": (torch.float16, (1, in_features)),
-    }
-    if aux:
-        _check_aux_rows(name, rows, g)
-        layout.update({
-            "meta.scale.x": (torch.uint8, (SCALE_TILE, rows // SCALE_TILE)),
-            "meta.scale.s": (torch.float16, (1, rows // SCALE_TILE)),
-            "meta.scale.m": (torch.float16, (1, rows // SCALE_TILE)),
-            "meta.zero.x": (torch.uint8, (rows, 1)),
-            "meta.zero.s": (torch.float16, (1, 1)),
-            "meta.zero.m": (torch.float16, (1, 1)),
-        })
-    else:
-        layout.update({"meta.scale": (torch.float16, (rows, 1)), "meta.zero": (torch.float16, (rows, 1))})
-    return layout
+    meta = layer_meta(name, out_features, in_features, nbits, group_size, "sinq", aux)
+    return {key: (spec.dtypes[0], spec.shape) for key, spec in expected_tensor_specs(meta).items() if spec.required}
 
 
 def _quantize_slabs(
@@ -206,15 +214,16 @@ def quantize_weight_detailed(
     if W.dim() != 2 or not W.is_floating_point():
         raise SinqConfigError(f"layer '{name}': expected a 2-D float weight, got {tuple(W.shape)} {W.dtype}")
     n, k = W.shape
-    group = effective_group_size(k, group_size, name)
-    rows = n * k // group
-    if aux:
-        _check_aux_rows(name, rows, group)
+    compute_dtype = str(W.dtype if compute_dtype is None else compute_dtype)
+    if not compute_dtype.startswith("torch."):
+        compute_dtype = f"torch.{compute_dtype}"
+    meta = layer_meta(name, n, k, nbits, group_size, method, aux, compute_dtype)
+    group = meta.group_size
     if group != group_size:
         # meta["group_size"] keeps the requested size (reference behaviour); readers use W_q.shape[1]
         logger.info("layer '%s': group size %d -> %d (in_features=%d)", name, group_size, group, k)
 
-    # The reference works on fp16 weights whatever the model dtype (sinq-format.md §1.6).
+    # The reference works on fp16 weights whatever the model dtype (docs/format.md §1.6).
     w16 = W.detach().to("cpu", torch.float16).contiguous()
     gated = method == "sinq" and heavy_tailed(w16)
     if gated:
@@ -236,41 +245,19 @@ def quantize_weight_detailed(
     else:
         tensors.update({"meta.scale": scale, "meta.zero": zero})
 
-    compute_dtype = str(W.dtype if compute_dtype is None else compute_dtype)
-    if not compute_dtype.startswith("torch."):
-        compute_dtype = f"torch.{compute_dtype}"
-    meta = LayerMeta(
-        name=name,
-        nbits=nbits,
-        group_size=group,
-        declared_group_size=group_size,  # the reference keeps the requested size in meta
-        out_features=n,
-        in_features=k,
-        method=stored_method(method, aux),
-        packing=BITS_TO_PACKING[nbits],
-        aux=aux,
-        scale_shape=(rows, 1),
-        zero_shape=(rows, 1),
-        compute_dtype=compute_dtype,
-    )
     return QuantizedWeight(tensors, meta, gated)
 
 
 def quantize_weight(
-    W: torch.Tensor,
-    nbits: int,
-    group_size: int,
-    method: str = "sinq",
-    aux: bool = True,
-    name: str = "weight",
-    compute_dtype: torch.dtype | str | None = None,
+    W: torch.Tensor, nbits: int, group_size: int, method: str = "sinq", aux: bool = True, **options
 ) -> tuple[dict[str, torch.Tensor], LayerMeta]:
     """Quantize ``W[N, K]`` (out, in) to the reference SINQ checkpoint tensors.
 
     Returns the tensors keyed as in the checkpoint without the module prefix (``W_q``,
     ``meta.scale2``, ``meta.scale.{x,s,m}``, ``meta.zero.{x,s,m}``, or ``meta.scale`` /
-    ``meta.zero`` without aux) and the layer's :class:`LayerMeta`. ``name`` appears in
-    errors and in the meta; ``compute_dtype`` (default: ``W.dtype``) is recorded only.
+    ``meta.zero`` without aux) and the layer's :class:`LayerMeta`. ``options`` are the other
+    keywords of :func:`quantize_weight_detailed`: ``name`` (in errors and in the meta) and
+    ``compute_dtype`` (default: ``W.dtype``; recorded only).
     """
-    q = quantize_weight_detailed(W, nbits, group_size, method, aux, name, compute_dtype)
+    q = quantize_weight_detailed(W, nbits, group_size, method, aux, **options)
     return q.tensors, q.meta

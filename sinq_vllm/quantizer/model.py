@@ -31,26 +31,23 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..errors import SinqCheckpointError, SinqConfigError
-from ..format.layer_meta import INDEX_NAME, SIDECAR_NAME, LayerMeta
-from ..log import get_logger
 from ..format.aux8 import SCALE_TILE
+from ..format.layer_meta import LayerMeta
+from ..format.names import DROPPED_BUFFER_SUFFIXES, INDEX_NAME, SIDECAR_NAME
+from ..format.safetensors_io import PlannedTensor, ShardWriter, st_dtype
+from ..log import get_logger
 from .layer import effective_group_size, quantize_weight_detailed, quantized_layout, stored_method, validate_options
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
     Shard,
-    ShardWriter,
-    TensorSpec,
     parse_size,
     plan_shards,
-    st_dtype,
     write_index,
     write_sidecar,
 )
 
 logger = get_logger(__name__)
 
-# Buffers some checkpoints carry; vLLM recomputes them and the reference loader ignores them.
-_DROPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
 # Non-weight files a served model needs (tokenizer, chat template, generation defaults, licence).
 _COPIED_FILES = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
@@ -59,7 +56,7 @@ _COPIED_FILES = (
 )
 # Output files a previous run may have left; only these are removed by overwrite=True.
 _OUTPUT_GLOBS = ("model-*-of-*.safetensors", INDEX_NAME, SIDECAR_NAME)
-_FLOAT_ST = {"F64", "F32", "F16", "BF16"}
+_QUANTIZABLE_ST_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 @dataclass
@@ -283,7 +280,7 @@ def _tensor_meta(handle, key: str) -> tuple[str, tuple[int, ...]]:
 def _classify(key, dtype, shape, skel: _Skeleton, skip, summary: QuantizeSummary,
               experts: bool = True, routers: bool = False, head: bool = False) -> str | None:
     """"drop", "copy" or the module name to quantize."""
-    if key.endswith(_DROPPED_SUFFIXES):
+    if key.endswith(DROPPED_BUFFER_SUFFIXES):
         return "drop"
     module, _, leaf = key.rpartition(".")
     if skel.output_module is not None and module == skel.output_module:
@@ -312,7 +309,7 @@ def _check_quantizable(key: str, dtype: str, shape, expected: tuple[int, int]) -
     """The module name of a weight tensor we can quantize."""
     if shape != expected:
         raise SinqCheckpointError(f"tensor {key!r} has shape {list(shape)}, the model expects {list(expected)}")
-    if dtype not in _FLOAT_ST:
+    if dtype not in _QUANTIZABLE_ST_DTYPES:
         raise SinqCheckpointError(f"tensor {key!r} has dtype {dtype}; only float weights can be quantized")
     return key.rpartition(".")[0]
 
@@ -403,12 +400,12 @@ def _check_coverage(items: list[_Item], skel: _Skeleton, skip, summary: Quantize
             logger.warning("untied %s.weight is missing from the source checkpoint", skel.output_module)
 
 
-def _specs_for(item: _Item, nbits: int, group_size: int, aux: bool) -> list[TensorSpec]:
+def _specs_for(item: _Item, nbits: int, group_size: int, aux: bool) -> list[PlannedTensor]:
     if item.module is None:
-        return [TensorSpec(item.key, item.dtype, item.shape)]
+        return [PlannedTensor(item.key, item.dtype, item.shape)]
     out_f, in_f = item.shape
     layout = quantized_layout(out_f, in_f, nbits, group_size, aux and item.aux_ok, item.module)
-    return [TensorSpec(f"{item.module}.{k}", st_dtype(dt), shape) for k, (dt, shape) in layout.items()]
+    return [PlannedTensor(f"{item.module}.{k}", st_dtype(dt), shape) for k, (dt, shape) in layout.items()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,7 +520,7 @@ def quantize_model(
         summary.not_converted = list(dict.fromkeys(summary.not_converted))
         summary.experts_kept = list(dict.fromkeys(summary.experts_kept))
         shards = plan_shards(items, lambda it: _specs_for(it, nbits, group_size, aux), parse_size(max_shard_size))
-        summary.source_size = sum(TensorSpec(it.key, it.dtype, it.shape).nbytes for it in items)
+        summary.source_size = sum(PlannedTensor(it.key, it.dtype, it.shape).nbytes for it in items)
         _prepare_out_dir(out, overwrite)
 
         metas: list[LayerMeta] = []

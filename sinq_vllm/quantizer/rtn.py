@@ -1,4 +1,4 @@
-"""Uniform asymmetric round-to-nearest and the kurtosis gate (sinq-format.md §1.4).
+"""Uniform asymmetric round-to-nearest and the kurtosis gate (docs/format.md §1.4).
 
 Expressions and their order follow the reference ``quantize_rtn`` (mode "uniform")
 and ``kurtosis`` so that codes, scales and zeros round the same way.

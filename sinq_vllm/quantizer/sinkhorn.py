@@ -1,4 +1,4 @@
-"""Sinkhorn-style standard-deviation balancing (sinq-format.md §1.2).
+"""Sinkhorn-style standard-deviation balancing (docs/format.md §1.2).
 
 A port of the reference ``sinkhorn_log`` as ``quantize_dual_scale_shift`` calls it
 (order 16, default clips), batched over leading dimensions so that all column slabs

@@ -15,17 +15,19 @@ followed by zero rows (code 0, scale 0: logits exactly 0) up to the padded size.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from ..errors import SinqCheckpointError
+from ..format.layer_meta import LayerMeta
+from ..kernels.contract import SinqWeights
+from ..log import get_logger
 from .assembly import ShardSlice, assemble
-from .errors import SinqCheckpointError
-from .format.layer_meta import LayerMeta
-from .kernels.base import SinqWeights
-from .linear_method import SinqLinearMethod
-from .log import get_logger
+from .compat import QuantizeMethodBase
+from .linear import SinqLinearMethod
 from .receivers import add_receivers, take_raw
-from .vllm_compat import QuantizeMethodBase
 
 logger = get_logger(__name__)
 
@@ -81,4 +83,4 @@ def _pad_rows(w: SinqWeights, rows: int) -> SinqWeights:
     def pad(t: torch.Tensor) -> torch.Tensor:
         return torch.cat([t, t.new_zeros((extra, t.shape[1]))])
 
-    return SinqWeights(pad(w.codes), pad(w.scales), pad(w.zeros), w.col_scales, (0, rows), w.nbits, w.group_size)
+    return dataclasses.replace(w, codes=pad(w.codes), scales=pad(w.scales), zeros=pad(w.zeros), shard_offsets=(0, rows))

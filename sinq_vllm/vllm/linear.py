@@ -15,20 +15,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .assembly import ShardSlice, assemble
-from .errors import SinqCheckpointError
-from .format.layer_meta import LayerMeta
-from .kernels.base import SinqWeights, spec_of
-from .kernels.selection import select_backend
-from .log import get_logger
-from .receivers import add_receivers, take_raw
-from .vllm_compat import (
+from ..errors import SinqCheckpointError
+from ..format.layer_meta import LayerMeta
+from ..kernels.contract import SinqWeights, spec_of
+from ..kernels.selection import select_backend
+from ..log import get_logger
+from .assembly import ShardSlice, assemble, check_k_split
+from .compat import (
     LinearMethodBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
 )
+from .receivers import add_receivers, take_raw
 
 logger = get_logger(__name__)
 
@@ -78,14 +78,8 @@ class SinqLinearMethod(LinearMethodBase):
                     f"layer '{meta.name}': sidecar shape [{meta.out_features}, {meta.in_features}] does not match "
                     f"the model config's [{n}, {input_size}]"
                 )
-        g = self.metas[0].group_size
-        if isinstance(layer, RowParallelLinear) and input_per_partition % g:
-            tp_ok = [t for t in range(1, 65) if input_size % t == 0 and (input_size // t) % g == 0]
-            raise SinqCheckpointError(
-                f"layer '{self.prefix}': its {input_size} input features split over tensor parallel size "
-                f"{input_size // input_per_partition} give {input_per_partition} per rank, not a multiple of the "
-                f"group size {g}; tensor parallel sizes that work: {tp_ok}"
-            )
+        if isinstance(layer, RowParallelLinear):
+            check_k_split(f"layer '{self.prefix}'", input_size, input_per_partition, self.metas[0].group_size)
 
     # ---- after loading ------------------------------------------------------------------
     def process_weights_after_loading(self, layer: nn.Module) -> None:

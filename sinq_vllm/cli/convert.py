@@ -1,7 +1,7 @@
 """Convert a reference ``qmodel.pt`` checkpoint into the sharded safetensors SINQ format.
 
 The reference code's ``AutoSINQHFModel.save_quantized`` writes one ``qmodel.pt``: a
-``torch.save`` of ``{module name: state dict}`` (sinq-format.md §2.8), next to
+``torch.save`` of ``{module name: state dict}`` (docs/format.md §2.8), next to
 ``config.json`` and the tokenizer. vLLM loads safetensors only, so ``sinq-vllm convert``
 rewrites it in the layout ``save_quantized_safetensors`` writes (§2.1-§2.4): the same
 tensor names (``<module>.W_q``, ``<module>.meta.scale.x`` ...), shards, the index and the
@@ -25,7 +25,6 @@ Differences from ``save_quantized_safetensors`` (documented, deliberate):
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -34,14 +33,18 @@ from pathlib import Path
 
 import torch
 
-from .errors import SinqCheckpointError, SinqConfigError
-from .format.layer_meta import INDEX_NAME, SIDECAR_NAME, LayerMeta
-from .log import get_logger
+from ..errors import SinqCheckpointError, SinqConfigError
+from ..format.checkpoint import check_sidecar_matches_tensors, read_layer_metas
+from ..format.decode import check_tensors
+from ..format.layer_meta import LayerMeta
+from ..format.names import DROPPED_BUFFER_SUFFIXES, INDEX_NAME, SIDECAR_NAME
+from ..format.safetensors_io import PlannedTensor, ShardWriter
+from ..log import get_logger
+from ..quantizer.writer import parse_size, plan_shards, write_index, write_sidecar
 
 logger = get_logger(__name__)
 
 PT_NAME = "qmodel.pt"  # the reference's get_weight_file
-_DROPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _OUTPUT_FILES = (INDEX_NAME, SIDECAR_NAME)
 
@@ -158,28 +161,12 @@ def flatten_module(name: str, state: dict, source: str) -> tuple[dict[str, torch
 
 def _check_quantized(name: str, tensors: dict[str, torch.Tensor], side: dict, source: str) -> None:
     """The layer must parse like any sidecar entry and carry well-formed tensors."""
-    from .assembly import check_tensors  # torch-only module
-
     meta = LayerMeta.from_sidecar(name, side, source)
     local = {k[len(name) + 1:]: v for k, v in tensors.items()}
     try:
         check_tensors(meta, local)
     except SinqCheckpointError as e:
         raise SinqCheckpointError(f"{source}: {e}") from None
-
-
-def _plan_shards(items: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    shards, cur, size = [], [], 0
-    for key, t in items:
-        n = t.numel() * t.element_size()
-        if cur and size + n > max_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((key, t))
-        size += n
-    if cur:
-        shards.append(cur)
-    return shards
 
 
 def _prepare_out_dir(src_dir: Path, out: Path, overwrite: bool) -> None:
@@ -204,10 +191,6 @@ def convert_pt(
     overwrite: bool = False,
 ) -> ConvertSummary:
     """Convert ``src`` (a folder with ``qmodel.pt``, or the ``.pt`` file) into ``out_dir``."""
-    from safetensors.torch import save_file
-
-    from .quantizer.writer import parse_size
-
     pt = _resolve_source(src)
     src_dir = pt.parent
     out = Path(out_dir)
@@ -232,7 +215,7 @@ def convert_pt(
         elif tensors:
             summary.plain.append(name)
         for key, t in tensors.items():
-            if key.endswith(_DROPPED_SUFFIXES):
+            if key.endswith(DROPPED_BUFFER_SUFFIXES):
                 summary.dropped.append(key)
                 continue
             if key in flat:
@@ -244,30 +227,23 @@ def convert_pt(
         raise SinqCheckpointError(f"{source}: no module has a W_q tensor; this is not a SINQ-quantized checkpoint")
 
     _prepare_out_dir(src_dir, out, overwrite)  # only once the source is known to be good
-    shards = _plan_shards(list(flat.items()), max_bytes)
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(dict(shard), str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k, _ in shard})
-        summary.shards.append(fname)
-    summary.total_size = sum(t.numel() * t.element_size() for t in flat.values())
+    shards = plan_shards(list(flat), lambda key: [PlannedTensor.of(key, flat[key])], max_bytes)
+    for shard in shards:
+        with ShardWriter(out / shard.filename, shard.specs, metadata={"format": "pt"}) as writer:
+            for key in shard.items:
+                writer.write(key, flat[key])
+        summary.shards.append(shard.filename)
+    summary.total_size = sum(shard.nbytes for shard in shards)
     summary.tensors = len(flat)
-    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": summary.total_size},
-                                              "weight_map": weight_map}, indent=2) + "\n")
-    (out / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_index(out, shards)
+    write_sidecar(out, sidecar)
 
     for f in sorted(src_dir.iterdir()):
         if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _OUTPUT_FILES:
             shutil.copyfile(f, out / f.name)
             summary.copied_files.append(f.name)
 
-    from .checkpoint import check_sidecar_matches_tensors, read_layer_metas
-
     check_sidecar_matches_tensors(str(out), read_layer_metas(str(out)))
     logger.info("converted %s: %d SINQ modules, %d tensors, %d shard(s), %.1f MB",
                 source, len(summary.quantized), summary.tensors, len(shards), summary.total_size / 1e6)
     return summary
-
-
-__all__ = ["ConvertSummary", "PT_NAME", "convert_pt", "flatten_module", "load_pt_checkpoint"]

@@ -7,10 +7,10 @@ from torch import nn
 
 
 def sinq_weight_bytes(model: nn.Module) -> dict:
-    from .linear_method import SinqLinearMethod
+    from .linear import SinqLinearMethod
 
     try:
-        from .moe_method import SinqMoEMethod
+        from .moe import SinqMoEMethod
     except ImportError:  # pragma: no cover - a vLLM without the fused-MoE package
         SinqMoEMethod = ()
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .assembly import required_keys
-from .errors import SinqCheckpointError
-from .format.layer_meta import LayerMeta
-from .format.packing import packed_dtype
-from .vllm_compat import set_weight_attrs
+from ..errors import SinqCheckpointError
+from ..format.layer_meta import LayerMeta
+from ..format.tensor_specs import required_keys, stored_dtype
+from .compat import set_weight_attrs
 
 
 def add_receivers(layer: nn.Module, prefix: str, metas: list[LayerMeta], shard_ids: list) -> None:
@@ -33,7 +32,7 @@ def add_receivers(layer: nn.Module, prefix: str, metas: list[LayerMeta], shard_i
     receivers = nn.Module()
     for key in required_keys(metas[0]):
         # the dtype the checkpoint stores, so vLLM's loaders see no dtype mismatch
-        param = nn.Parameter(torch.empty(0, dtype=_stored_dtype(metas[0], key)), requires_grad=False)
+        param = nn.Parameter(torch.empty(0, dtype=stored_dtype(metas[0], key)), requires_grad=False)
         set_weight_attrs(param, {"weight_loader": weight_loader, "sinq_key": key})
         if key == "W_q":
             layer.register_parameter("W_q", param)
@@ -48,12 +47,6 @@ def take_raw(layer: nn.Module) -> list[dict[str, torch.Tensor]]:
     del layer.sinq_raw, layer.W_q
     del layer._modules["meta"]
     return raw
-
-
-def _stored_dtype(meta: LayerMeta, key: str) -> torch.dtype:
-    if key == "W_q":
-        return packed_dtype(meta.packing)
-    return torch.uint8 if key.endswith(".x") else torch.float16
 
 
 def _register_nested(root: nn.Module, dotted: str, param: nn.Parameter) -> None:

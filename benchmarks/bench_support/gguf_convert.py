@@ -12,7 +12,7 @@ The conversion is idempotent: a marker file (:data:`MARKER`) is written last; wh
 It writes into a temporary sibling folder first, so an interrupted run never leaves a
 folder that looks complete.
 
-Command line: ``python -m sinq_vllm.gguf_convert [GGUF] OUT_DIR`` (GGUF defaults to the
+Command line, from ``benchmarks/``: ``python -m bench_support.gguf_convert [GGUF] OUT_DIR`` (GGUF defaults to the
 shipped SmolLM2 file).
 """
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     a = ap.parse_args(argv)
     if len(a.args) == 1:
-        from .assets import AssetNotFoundError, smollm2_gguf_path
+        from bench_support.assets import AssetNotFoundError, smollm2_gguf_path
 
         try:
             src = smollm2_gguf_path()

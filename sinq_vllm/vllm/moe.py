@@ -37,14 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .assembly import ShardSlice, assemble, required_keys
-from .errors import SinqCheckpointError, SinqConfigError
-from .format.layer_meta import LayerMeta
-from .kernels.base import LayerSpec, SinqWeights, spec_of
-from .kernels.selection import requested_backend, select_backend
-from .log import get_logger
-from .receivers import _stored_dtype
-from .vllm_compat import fused_moe_api, set_weight_attrs
+from ..errors import SinqCheckpointError, SinqConfigError
+from ..format.layer_meta import LayerMeta
+from ..format.tensor_specs import required_keys, stored_dtype
+from ..kernels.contract import LayerSpec, SinqWeights, spec_of
+from ..kernels.selection import requested_backend, select_backend
+from ..log import get_logger
+from .assembly import ShardSlice, assemble, check_k_split
+from .compat import fused_moe_api, set_weight_attrs
 
 logger = get_logger(__name__)
 
@@ -143,7 +143,7 @@ class SinqMoEMethod(FusedMoEMethodBase):
                     for key in required_keys(meta):
                         keys.setdefault(key, meta)
             for key, meta in keys.items():
-                param = nn.Parameter(torch.empty(0, dtype=_stored_dtype(meta, key)), requires_grad=False)
+                param = nn.Parameter(torch.empty(0, dtype=stored_dtype(meta, key)), requires_grad=False)
                 set_weight_attrs(param, {"weight_loader": weight_loader, "sinq_key": key, "sinq_family": family})
                 name = f"{family}_{key}"
                 # "w13_meta.scale.x" has dots: an instance attribute that RoutedExperts.load_weights
@@ -180,14 +180,7 @@ class SinqMoEMethod(FusedMoEMethodBase):
                     )
         if len({(m.nbits, m.group_size) for m in self.metas["w1"] + self.metas["w3"]}) > 1:
             raise SinqCheckpointError(f"{where}: gate_proj and up_proj experts were quantized differently")
-        g = self.metas["w2"][0].group_size
-        if inter_local % g:
-            tp_ok = [t for t in range(1, 65) if inter % t == 0 and (inter // t) % g == 0]
-            raise SinqCheckpointError(
-                f"{where}: down_proj's {inter} input features split over tensor parallel size {inter // inter_local} "
-                f"give {inter_local} per rank, not a multiple of the group size {g}; tensor parallel sizes that "
-                f"work: {tp_ok}"
-            )
+        check_k_split(f"{where}: down_proj", inter, inter_local, self.metas["w2"][0].group_size)
 
     # ---- after loading ------------------------------------------------------------------
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -220,7 +213,7 @@ class SinqMoEMethod(FusedMoEMethodBase):
         for family, weights in decoded.items():
             spec = spec_of(weights[0])
             if self.kernel == "triton":
-                from .kernels.torch_backend import TorchBackend  # the layout the Triton kernel reads
+                from ..kernels.torch_backend import TorchBackend  # the layout the Triton kernel reads
 
                 backend = TorchBackend()
             else:
@@ -279,7 +272,7 @@ class SinqMoEMethod(FusedMoEMethodBase):
         return out.to(x.dtype)
 
     def _apply_triton(self, layer, x, topk_weights, topk_ids):
-        from .triton_kernels.sinq_moe import sinq_fused_moe
+        from ..triton_kernels.sinq_moe import sinq_fused_moe
 
         return sinq_fused_moe(
             x, topk_weights, topk_ids, self.resident(layer, "w13"), self.resident(layer, "w2"),

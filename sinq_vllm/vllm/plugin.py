@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 
-from .checkpoint import has_sinq_sidecar
+from ..format.checkpoint import has_sinq_sidecar
+from ..log import get_logger
+from .compat import check_vllm_version, model_config_class, register_quantization_config
 from .config import QUANT_METHOD, SinqConfig
-from .log import get_logger
-from .vllm_compat import model_config_class, register_quantization_config
 
 logger = get_logger(__name__)
 
 
 def register_with_vllm() -> None:
+    check_vllm_version(logger)
     register_quantization_config(QUANT_METHOD)(SinqConfig)
     _detect_sidecar_only_checkpoints()
 

@@ -19,21 +19,18 @@ is instant on any model size. Reported:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from .errors import SinqCheckpointError, SinqError
-from .format.layer_meta import INDEX_NAME, SIDECAR_NAME, LayerMeta
-from .format.packing import planar_rows
-
-_ST_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "U16": 16, "I16": 16,
-            "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64, "C64": 64}
-_FLOAT_ST = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
-_MAX_HEADER = 100 * 1024 * 1024
+from ..errors import SinqCheckpointError, SinqError
+from ..format.checkpoint import shard_files
+from ..format.layer_meta import LayerMeta
+from ..format.names import LEGACY_PREFIX, SIDECAR_NAME, is_legacy_prefixed, strip_legacy_prefix
+from ..format.packing import planar_rows
+from ..format.safetensors_io import FLOAT_ST_DTYPES, HeaderEntry, read_header, read_json
+from ..format.validation import validate_model_dir
 
 
 @dataclass
@@ -79,52 +76,16 @@ class InspectReport:
         return asdict(self)
 
 
-def _read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _read_header(path: str) -> dict[str, dict]:
-    """Tensor entries of one safetensors file (dtype, shape, data_offsets), header bytes only."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise SinqCheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER:
-            raise SinqCheckpointError(f"{path}: safetensors header of {n} bytes is implausibly large")
-        head = json.loads(f.read(n))
-    head.pop("__metadata__", None)
-    return head
-
-
-def _nbytes(entry: dict) -> int:
-    start, end = entry.get("data_offsets", (0, 0))
-    if end >= start and end > 0:
-        return end - start
-    return math.prod(entry["shape"]) * _ST_BITS.get(entry["dtype"], 8) // 8
-
-
-def _headers(model_dir: str) -> dict[str, dict]:
-    index = os.path.join(model_dir, INDEX_NAME)
-    if os.path.isfile(index):
-        files = sorted(set(_read_json(index)["weight_map"].values()))
-    else:
-        files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    entries: dict[str, dict] = {}
-    for fname in files:
-        path = os.path.join(model_dir, fname)
-        if not os.path.isfile(path):
-            raise SinqCheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
-        entries.update(_read_header(path))
+def _headers(model_dir: str) -> dict[str, HeaderEntry]:
+    entries: dict[str, HeaderEntry] = {}
+    for fname in shard_files(model_dir):
+        entries.update(read_header(os.path.join(model_dir, fname)).entries)
     return entries
 
 
 def _parse_metas(model_dir: str, raw: dict, report: InspectReport) -> dict[str, LayerMeta]:
-    from .checkpoint import _is_legacy_prefixed
-
     path = os.path.join(model_dir, SIDECAR_NAME)
-    report.legacy_model_prefix = _is_legacy_prefixed(list(raw))
+    report.legacy_model_prefix = is_legacy_prefixed(raw)
     metas: dict[str, LayerMeta] = {}
     for name, entry in raw.items():
         try:
@@ -148,11 +109,11 @@ def inspect_checkpoint(model_dir: str) -> InspectReport:
     cfg_path = os.path.join(model_dir, "config.json")
     if os.path.isfile(cfg_path):
         try:
-            cfg = _read_json(cfg_path)
+            cfg = read_json(cfg_path, "not a valid config.json")
             report.architectures = list(cfg.get("architectures") or [])
             report.model_type = cfg.get("model_type")
             report.quantization_config = cfg.get("quantization_config")
-        except (OSError, ValueError) as e:
+        except (SinqCheckpointError, AttributeError) as e:
             report.reasons.append(f"{cfg_path}: unreadable ({e})")
     else:
         report.reasons.append(f"{cfg_path} is missing (vLLM needs the model config)")
@@ -183,16 +144,16 @@ def inspect_checkpoint(model_dir: str) -> InspectReport:
     else:
         report.written_by = "reference SINQ save_quantized_safetensors (no quantization_config; detected by the sidecar)"
     try:
-        raw = _read_json(sidecar)
+        raw = read_json(sidecar, "not a valid SINQ sidecar")
         if not isinstance(raw, dict) or not raw:
             raise ValueError("expected a non-empty JSON object")
-    except (OSError, ValueError) as e:
+    except (SinqCheckpointError, ValueError) as e:
         report.reasons.append(f"{sidecar}: unreadable ({e})")
         return report
     metas = _parse_metas(model_dir, raw, report)
     try:
         entries = _headers(model_dir)
-    except (OSError, ValueError, KeyError, SinqCheckpointError) as e:
+    except SinqCheckpointError as e:
         report.reasons.append(f"cannot read the safetensors headers: {e}")
         entries = {}
     _account(report, metas, entries)
@@ -200,8 +161,7 @@ def inspect_checkpoint(model_dir: str) -> InspectReport:
     return report
 
 
-def _account(report: InspectReport, metas: dict[str, LayerMeta], entries: dict[str, dict]) -> None:
-    prefix = "model." if report.legacy_model_prefix else ""
+def _account(report: InspectReport, metas: dict[str, LayerMeta], entries: dict[str, HeaderEntry]) -> None:
     quantized_names = set(metas)
     counted: set[str] = set()
     for name, meta in metas.items():
@@ -214,14 +174,13 @@ def _account(report: InspectReport, metas: dict[str, LayerMeta], entries: dict[s
                 continue
             rest = key[len(name) + 1:]
             if rest == "W_q":
-                info.code_bytes += _nbytes(entry)
+                info.code_bytes += entry.nbytes
                 packed_rows = planar_rows(meta.grouped_rows, meta.packing)
-                if math.prod(entry["shape"]) == meta.out_features * meta.in_features and \
-                        entry["shape"][0] != packed_rows:
+                if math.prod(entry.shape) == meta.out_features * meta.in_features and entry.shape[0] != packed_rows:
                     info.unpacked_codes = True
                 counted.add(key)
             elif rest.startswith("meta."):
-                info.scale_bytes += _nbytes(entry)
+                info.scale_bytes += entry.nbytes
                 counted.add(key)
         report.layers.append(info)
         report.bf16_bytes += 2 * meta.out_features * meta.in_features
@@ -233,13 +192,12 @@ def _account(report: InspectReport, metas: dict[str, LayerMeta], entries: dict[s
     for key, entry in entries.items():
         if key in counted:
             continue
-        n = _nbytes(entry)
-        report.other_bytes += n
-        report.bf16_bytes += n if entry["dtype"] not in _FLOAT_ST else math.prod(entry["shape"]) * 2
-        if key.endswith(".weight") and len(entry["shape"]) == 2:
+        report.other_bytes += entry.nbytes
+        report.bf16_bytes += entry.nbytes if entry.dtype not in FLOAT_ST_DTYPES else math.prod(entry.shape) * 2
+        if key.endswith(".weight") and len(entry.shape) == 2:
             module = key[: -len(".weight")]
             if module not in quantized_names:
-                report.unquantized_modules.append(module[len(prefix):] if module.startswith(prefix) else module)
+                report.unquantized_modules.append(strip_legacy_prefix(module) if report.legacy_model_prefix else module)
     report.unquantized_modules.sort()
     report.tensors = len(entries)
     report.total_bytes = report.code_bytes + report.scale_bytes + report.other_bytes
@@ -274,11 +232,7 @@ def _verdict(report: InspectReport, model_dir: str) -> None:
                 f"{', '.join(members)} are merged into one vLLM layer but were quantized differently {sorted(kinds)}")
     if not report.reasons:
         try:
-            from .validation import validate_model_dir
-
             validate_model_dir(model_dir)  # the front-end checks vLLM runs before loading
-        except ImportError:
-            pass
         except SinqError as e:
             report.reasons.append(str(e))
     report.servable = not report.reasons
@@ -294,7 +248,7 @@ def format_report(r: InspectReport, show_layers: bool = False) -> str:
     if r.architectures or r.model_type:
         lines.append(f"  model:         {', '.join(r.architectures) or '?'} ({r.model_type or '?'})")
     if r.legacy_model_prefix:
-        lines.append("  legacy:        tensor names carry an extra 'model.' prefix (reference commit 9a9812f)")
+        lines.append(f"  legacy:        tensor names carry an extra '{LEGACY_PREFIX}' prefix (reference commit 9a9812f)")
     if r.format == "sinq-safetensors":
         quantized = [layer for layer in r.layers if layer.nbits is not None]
         lines.append(f"  quantized:     {len(quantized)} modules")
@@ -334,6 +288,3 @@ def format_report(r: InspectReport, show_layers: bool = False) -> str:
         lines.append("  sinq-vllm:     cannot serve it:")
         lines.extend(f"    - {why}" for why in r.reasons)
     return "\n".join(lines)
-
-
-__all__ = ["InspectReport", "LayerInfo", "format_report", "inspect_checkpoint"]

@@ -2,7 +2,10 @@
 
 Each subcommand lives in a pair of functions: ``add_<name>_parser(subparsers)`` sets up
 its options and stores its handler as ``func``; the handler takes the parsed args and
-returns an exit code. New subcommands register themselves in ``SUBCOMMANDS``.
+returns an exit code. New subcommands register themselves in ``SUBCOMMANDS``. The
+parsers live together here and import nothing heavy, so ``sinq-vllm --help`` is instant;
+each handler imports its implementation (``quantizer.model``, ``cli.inspect``,
+``cli.convert``) when it runs.
 Errors raised on purpose (``SinqError``) are printed as one line, without a traceback,
 with exit code 2, like argparse's own usage errors.
 """
@@ -13,15 +16,21 @@ import argparse
 import logging
 import sys
 
-from .errors import SinqError
+from ..errors import SinqError
 
 EXIT_USAGE = 2
 _NBITS_CHOICES = "{2,3,4,5,6,8}"
 
 
+def _command(subparsers, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
 def add_quantize_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "quantize",
+    p = _command(
+        subparsers, "quantize", run_quantize,
         help="quantize a local Hugging Face safetensors model to a SINQ checkpoint",
         description=(
             "Quantize every nn.Linear except the output head (lm_head, unless --quantize-lm-head) with SINQ and write the "
@@ -51,11 +60,10 @@ def add_quantize_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a SINQ checkpoint already in OUT_DIR")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log per-layer details")
-    p.set_defaults(func=run_quantize)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from .quantizer.model import quantize_model  # keeps `sinq-vllm --help` fast
+    from ..quantizer.model import quantize_model  # keeps `sinq-vllm --help` fast
 
     s = quantize_model(
         args.src_dir,
@@ -85,8 +93,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def add_inspect_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "inspect",
+    p = _command(
+        subparsers, "inspect", run_inspect,
         help="show what a SINQ checkpoint holds and whether sinq-vllm can serve it",
         description=(
             "Read a checkpoint folder's config, sidecar meta and safetensors headers (no tensor data) and "
@@ -98,13 +106,12 @@ def add_inspect_parser(subparsers) -> None:
     p.add_argument("model_dir", metavar="DIR", help="checkpoint folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--layers", action="store_true", help="list every quantized module")
-    p.set_defaults(func=run_inspect)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .inspect_cmd import format_report, inspect_checkpoint
+    from .inspect import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(args.model_dir)
     if args.json:
@@ -115,8 +122,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def add_convert_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert",
+    p = _command(
+        subparsers, "convert", run_convert,
         help="convert a reference SINQ qmodel.pt checkpoint into sharded safetensors",
         description=(
             "Rewrite a checkpoint saved by the reference AutoSINQHFModel.save_quantized (config.json, "
@@ -129,11 +136,10 @@ def add_convert_parser(subparsers) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder")
     p.add_argument("--max-shard-size", default="4GB", help="largest output shard, e.g. 4GB, 500MB (default 4GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT_DIR")
-    p.set_defaults(func=run_convert)
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .convert_pt import convert_pt
+    from .convert import convert_pt
 
     s = convert_pt(args.src, args.out_dir, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(

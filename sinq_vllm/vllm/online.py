@@ -15,16 +15,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from .assembly import ShardSlice, decode_shard
-from .errors import SinqConfigError
-from .format.packing import SUPPORTED_BITS
-from .kernels.base import SinqWeights
-from .linear_method import SinqLinearMethod
-from .log import get_logger
-from .vllm_compat import UnquantizedLinearMethod
+from ..errors import SinqConfigError
+from ..format.decode import decode_module
+from ..format.packing import SUPPORTED_BITS
+from ..log import get_logger
+from .assembly import merge_shards
+from .compat import UnquantizedLinearMethod
+from .linear import SinqLinearMethod
 
 logger = get_logger(__name__)
 
@@ -110,7 +109,7 @@ class SinqOnlineLinearMethod(SinqLinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if not hasattr(layer, "sinq_partition"):
             return
-        from .quantizer import quantize_weight
+        from ..quantizer import quantize_weight
 
         dense = layer.weight.data
         device = dense.device
@@ -119,16 +118,7 @@ class SinqOnlineLinearMethod(SinqLinearMethod):
             part = dense[offsets[-1] : offsets[-1] + rows]
             o = self.options
             tensors, meta = quantize_weight(part, o.nbits, o.group_size, method=o.method, aux=o.aux, name=name)
-            decoded.append(decode_shard(meta, tensors, ShardSlice(0, rows, 0, part.shape[1])))
+            decoded.append(decode_module(meta, tensors))
             offsets.append(offsets[-1] + rows)
         del layer.weight, layer.sinq_partition
-        weights = SinqWeights(
-            codes=torch.cat([d[0] for d in decoded]).to(device),
-            scales=torch.cat([d[1] for d in decoded]).to(device),
-            zeros=torch.cat([d[2] for d in decoded]).to(device),
-            col_scales=torch.stack([d[3] for d in decoded]).to(device),
-            shard_offsets=tuple(offsets),
-            nbits=self.options.nbits,
-            group_size=int(meta.group_size),
-        )
-        self.install(layer, weights)
+        self.install(layer, merge_shards(decoded, self.options.nbits, meta.group_size, device))
