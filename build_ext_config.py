@@ -12,8 +12,10 @@ backend; the Python code reports clearly when a backend it was asked for is miss
   ``csrc/cuda/*.cu`` (pure CUDA, no torch headers) plus the torch binding
   ``csrc/cuda/binding.cpp``. Built only when torch is a CUDA build (``torch.version.cuda``)
   and a CUDA toolkit is found; skipped quietly otherwise (the Triton backend still
-  serves GPUs). Architectures: ``TORCH_CUDA_ARCH_LIST`` when set, else sm_80, sm_86,
-  sm_89, sm_90 and compute_90 PTX (the kernels need sm_80+: bf16 ``mma.sync``).
+  serves GPUs). Architectures: ``TORCH_CUDA_ARCH_LIST`` when set (torch turns it into
+  ``-gencode`` flags), else sm_80, sm_86, sm_89, sm_90 and compute_90 PTX (the kernels
+  need sm_80+: bf16 ``mma.sync``); the JIT build compiles only the running GPU's
+  architecture. No ``-std`` flag: torch's build adds the C++ standard its headers need.
 """
 
 from __future__ import annotations
@@ -91,14 +93,16 @@ _SKIP_CUDA_ENV = "SINQ_VLLM_SKIP_CUDA_EXT"
 CUDA_DEFAULT_GENCODES = ("80", "86", "89", "90")
 
 
-def cuda_compile_args() -> dict[str, list[str]]:
-    """extra_compile_args of the CUDA extension; shared with the JIT build and scripts/compile_cuda.sh's flags."""
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        for arch in CUDA_DEFAULT_GENCODES:
-            nvcc.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-        nvcc.append(f"-gencode=arch=compute_{CUDA_DEFAULT_GENCODES[-1]},code=compute_{CUDA_DEFAULT_GENCODES[-1]}")
-    return {"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc}
+def cuda_compile_args(archs: list[str] | None = None) -> dict[str, list[str]]:
+    """extra_compile_args of the CUDA extension, shared with the JIT build (which passes the running
+    GPU's ``archs``, e.g. ``["90"]``). Without ``archs``: ``TORCH_CUDA_ARCH_LIST`` when set, else
+    :data:`CUDA_DEFAULT_GENCODES` plus PTX of the newest."""
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    if archs is None and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        archs = list(CUDA_DEFAULT_GENCODES)
+        nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs or ()]
+    return {"cxx": ["-O3"], "nvcc": nvcc}
 
 
 def cuda_sources() -> list[str]:

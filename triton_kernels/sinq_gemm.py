@@ -1,44 +1,54 @@
-"""Triton kernels of the SINQ linear op (DESIGN.md §1, §4), on the resident layout of
-``sinq_vllm/kernels/gpu_layout.py``:
+"""Triton kernels of the SINQ linear op (docs/design.md §1, §4), on the resident layout of
+``sinq_vllm/kernels/gpu_layout.py`` (lane-ordered words, docs/design.md §4.3):
 
-    y[m, n] = sum_k (x[m, k] * t[shard(n), k]) * (Q[n, k] - z[n, k // g]) * s[n, k // g] + bias[n]
+    y[m, n] = sum_k (x[m, k] * t[shard(n), k]) * (V(Q[n, k]) - z[n, k // g]) * s[n, k // g] + bias[n]
+
+``V(q) = q`` for uniform layers and ``V(q) = CB[q]`` (a 16-entry fp32 table, the fp16 values of
+the NF4/NF3 codebook) for codebook layers (``CODEBOOK``).
 
 Installed as ``sinq_vllm.triton_kernels.sinq_gemm``; never import it as a top-level
 ``triton_kernels`` (that name belongs to another package vLLM imports).
 
-Three kernels, chosen by M (``choose_path``):
+Three GEMM kernels, chosen by M (``choose_path``), and one dequantizer:
 
-* ``gemv`` (small M, no ``tl.dot``): tile ``[BLOCK_K, BLOCK_N]`` of codes, fp32 math,
-  *group-factored*: per K block (inside one group)
-  ``acc += s * (sum_k xt * q  -  z * sum_k xt)``, so the per-weight work is a shift,
-  a mask, a convert and an FMA; split-K over a second grid axis.
-* ``factored`` (``tl.dot``, moderate M): the same factoring on tensor cores: the integer
-  codes (exact in fp16/bf16) are the B operand, ``x * t`` rounded to the activation
-  dtype the A operand, fp32 accumulation; scale and zero are applied once per
-  (K block, output) instead of once per weight. Split-K.
-* ``dequant`` (``tl.dot``, large M): classic tiled GEMM, B = ``(q - z) * s`` rounded to
-  the activation dtype, A = ``x * t`` (per-element dequant cost amortised over BLOCK_M).
+* ``gemv`` (small M, no ``tl.dot``): group-factored, per K block (inside one group)
+  ``acc += s * (sum_k xt * V(q)  -  z * sum_k xt)``, fp32 math; split-K.
+* ``factored`` (``tl.dot``, moderate M): the same factoring on tensor cores: the codes (or
+  their codebook values) are the B operand, ``x * t`` rounded to the activation dtype the A
+  operand, fp32 accumulation; scale and zero once per (K block, output). Split-K.
+* ``dequant`` (``tl.dot``, large M): tiled GEMM, B = ``(V(q) - z) * s`` rounded to the
+  activation dtype, A = ``x * t``.
+* ``dequantize_shard``: the dense weight ``(V(Q) - z) * s * t`` of one merged shard in the
+  activation dtype, for the prefill path (scratch + torch.matmul, sinq_vllm/kernels/gpu_layout.py).
 
-Merged layers: every BLOCK_N tile lies inside one ``align`` block of the padded column
-space, hence inside one shard; its column-scale row and output columns come from the
-``blk`` table. One launch per layer (plus a small reduction when split-K > 1).
-Split-K partials are written to an fp32 ``[SPLIT_K, M, N]`` buffer and summed in a
-fixed order by ``_splitk_reduce_kernel`` (deterministic, no atomics, no zero-fill).
+**Word loads.** Each packed word is loaded once per K block: a ``[BLOCK_K / P, BLOCK_N]``
+tile of words is expanded to ``[P, BLOCK_K / P, BLOCK_N]`` codes by shifts and reshaped to
+``[BLOCK_K, BLOCK_N]``. Row ``r`` of that tile holds input column
+``k = (w0 + r % BW) * P + r // BW`` (``BW = BLOCK_K / P``): a permutation of the reduction
+index inside the block, which the A operand (``x``, ``t``) is gathered with, so the dot
+product is unchanged.
+
+**Merged layers:** every BLOCK_N tile lies inside one ``align`` block of the padded column
+space, hence inside one shard; its column-scale row and output columns come from ``blk``.
+
+**Split-K in one launch:** each program of a split stores its fp32 partial tile to a
+workspace, then increments the tile's arrival counter (``counters``, acq_rel, gpu scope);
+the program that arrives last sums the partials of every split in split order
+(deterministic), adds the bias, stores the output and resets the counter to 0, so the
+counters are zero again after every launch (CUDA-graph safe; docs/design.md §4.2).
 
 Tuning: fixed default configs per path (``default_config``), chosen by M, group and the
 layout's ``align``; ``SINQ_VLLM_TRITON_AUTOTUNE=1`` instead runs ``triton.autotune`` over
-small per-path config lists (``candidate_configs``), keyed on (M bucket, N, K, split-K) -
-off by default because every config is a compilation (minutes at a server's first start).
-Under the interpreter a single small config is used. M thresholds between the paths are
+small per-path config lists (``candidate_configs``). M thresholds between the paths are
 ``SINQ_VLLM_TRITON_GEMV_MAX_M`` (default 1) and ``SINQ_VLLM_TRITON_FACTORED_MAX_M``
 (default 64). Split-K is a run-time argument (no recompilation per split), planned from
-the SM count by ``choose_split_k``.
+the SM count by ``choose_split_k``. ``selectable_variants`` lists every kernel variant the
+defaults can launch (the offline resource check compiles them all for sm_80 and sm_90).
 
-Interpreter traps (triton 3.9), handled under the ``INTERPRET`` constexpr, which is set
-only when the kernels run in the interpreter (so the GPU code is unaffected):
-* ``tl.dot`` on bf16 operands returns garbage (the interpreter multiplies the raw uint16
-  bit patterns): both dot operands are upcast to fp32 *after* being rounded to the
-  activation dtype, so the values the dot sees are the GPU path's;
+Interpreter traps (handled under the ``INTERPRET`` constexpr, set only when the kernels run
+in the interpreter, so the GPU code is unaffected):
+* ``tl.dot`` on bf16 operands returns garbage: both dot operands are upcast to fp32 *after*
+  being rounded to the activation dtype, so the values the dot sees are the GPU path's;
 * fp32 -> bf16 casts truncate instead of rounding to nearest even: ``_round`` rounds on
   the bits instead.
 """
@@ -67,28 +77,30 @@ ENV_AUTOTUNE = "SINQ_VLLM_TRITON_AUTOTUNE"
 ENV_GEMV_MAX_M = "SINQ_VLLM_TRITON_GEMV_MAX_M"
 ENV_FACTORED_MAX_M = "SINQ_VLLM_TRITON_FACTORED_MAX_M"
 PATHS = ("gemv", "factored", "dequant")
+#: resident CTAs per SM the split-K planner aims to fill (docs/design.md §4.2)
+TARGET_CTAS_PER_SM = 4
 
 
 # --------------------------------------------------------------------------------------
-# kernels
+# building blocks
 # --------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _sum(v, axis: tl.constexpr):
     # == tl.sum(v, axis) for fp32 input. The kernels call no triton.language function that
-    # is itself a @triton.jit function (tl.sum, tl.cdiv): those are decorated when triton is
-    # imported, so in a process that imported triton without TRITON_INTERPRET=1 they cannot
-    # run inside the interpreted instance of this module (load_interpreted()).
+    # is itself a @triton.jit function (tl.sum, tl.cdiv, tl.zeros): those are decorated when
+    # triton is imported, so in a process that imported triton without TRITON_INTERPRET=1
+    # they cannot run inside the interpreted instance of this module (load_interpreted()).
     return tl.reduce(v, axis, _SUM_COMBINE)
 
 
 @triton.jit
 def _round(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 -> ``dtype`` rounded to nearest even. The interpreter (triton 3.9) *truncates*
-    fp32 -> bf16 casts, so there the rounding is done on the bits and the (now exactly
-    representable) value is returned as fp32: dot operands stay fp32 (see DOT trap), and a
-    later cast of an exact value is exact."""
+    """fp32 -> ``dtype`` rounded to nearest even. The interpreter *truncates* fp32 -> bf16
+    casts, so there the rounding is done on the bits and the (now exactly representable)
+    value is returned as fp32: dot operands stay fp32, and a later cast of an exact value
+    is exact."""
     if INTERPRET and dtype == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -98,15 +110,57 @@ def _round(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _code_shift(offs_k, BITS: tl.constexpr):
-    """Bit offset of the code of input column k inside its int32 word (gpu_layout.py)."""
-    PACK: tl.constexpr = 32 // BITS
-    i = offs_k % PACK
+def _word_offsets(w, n, N_pad):
+    """Element offset of word (w, n) of qweight: lane order (gpu_layout.word_offsets)."""
+    return ((w >> 2) * (N_pad >> 5) + (n >> 5)) * 128 + (n & 7) * 16 + (w & 3) * 4 + ((n >> 3) & 3)
+
+
+@triton.jit
+def _sz_offsets(g, n, N_pad):
+    """fp16 offset of the scale of (group g, column n) in scales_zeros (lane order; zero at +1)."""
+    return (g * N_pad + (n & -32) + (n & 7) * 4 + ((n >> 3) & 3)) * 2
+
+
+@triton.jit
+def _code_shifts(BITS: tl.constexpr):
+    """Bit offset of code i < P inside its word (gpu_layout.NIBBLE_POS for 4-bit containers)."""
+    i = tl.arange(0, 32 // BITS)
     if BITS == 4:
         pos = (i >> 1) + 4 * (i & 1)
     else:
         pos = i
     return pos * BITS
+
+
+@triton.jit
+def _block_k(kb, BLOCK_K: tl.constexpr, BITS: tl.constexpr):
+    """Input column of each row of the expanded code tile of K block kb (see module doc)."""
+    PACK: tl.constexpr = 32 // BITS
+    BW: tl.constexpr = BLOCK_K // PACK
+    r = tl.arange(0, BLOCK_K)
+    return kb * BLOCK_K + (r % BW) * PACK + r // BW
+
+
+@triton.jit
+def _codes(qw_ptr, kb, offs_n, K, N_pad, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr):
+    """int32 codes [BLOCK_K, BLOCK_N] of K block kb, rows in _block_k order; each word loaded once."""
+    PACK: tl.constexpr = 32 // BITS
+    BW: tl.constexpr = BLOCK_K // PACK
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_w = kb * BW + tl.arange(0, BW)
+    words = tl.load(qw_ptr + _word_offsets(offs_w[:, None], offs_n[None, :], N_pad),
+                    mask=(offs_w * PACK < K)[:, None], other=0)
+    q3 = (words[None, :, :] >> _code_shifts(BITS)[:, None, None]) & MASK  # [P, BW, BN]
+    return tl.reshape(q3, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _values(q, lut_ptr, CODEBOOK: tl.constexpr):
+    """fp32 code values V(q): the code itself, or its codebook entry."""
+    if CODEBOOK:
+        return tl.load(lut_ptr + q)
+    else:
+        return q.to(tl.float32)
 
 
 @triton.jit
@@ -132,36 +186,60 @@ def _k_block_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K):
 
 
 @triton.jit
-def _store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, m_ok, n_out, n_ok, M, N, stride_om,
-                SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
-    mask = m_ok[:, None] & n_ok[None, :]
-    if not SPLIT:
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + n_out, mask=n_ok, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
-        ptrs = out_ptr + offs_m[:, None] * stride_om + n_out[None, :]
-        out_dtype = out_ptr.dtype.element_ty
-        tl.store(ptrs, _round(acc, out_dtype, INTERPRET).to(out_dtype), mask=mask)
+def _store_out(acc, out_ptr, bias_ptr, offs_m, m_ok, n_out, n_ok, stride_om, HAS_BIAS: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n_out, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    out_dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + offs_m[:, None] * stride_om + n_out[None, :], _round(acc, out_dtype, INTERPRET).to(out_dtype),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _finish_tile(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, tile, pid_k, SPLIT_K, offs_m, m_ok, n_out, n_ok, stride_om,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    """Store the tile; with SPLIT, the one-launch deterministic split-K reduction (module doc)."""
+    if SPLIT:
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        base = ws_ptr + tile.to(tl.int64) * SPLIT_K * (BLOCK_M * BLOCK_N)
+        tl.store(base + pid_k * (BLOCK_M * BLOCK_N) + local, acc)
+        tl.debug_barrier()  # every thread's partial is stored before the (release) arrival
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
+            for s in range(SPLIT_K):  # fixed order: bit-identical whichever program is last
+                total += tl.load(base + s * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            _store_out(total, out_ptr, bias_ptr, offs_m, m_ok, n_out, n_ok, stride_om, HAS_BIAS, INTERPRET)
     else:
-        # fp32 partials [SPLIT_K, M, N], contiguous
-        ptrs = out_ptr + pid_k * M * N + offs_m[:, None] * N + n_out[None, :]
-        tl.store(ptrs, acc, mask=mask)
+        _store_out(acc, out_ptr, bias_ptr, offs_m, m_ok, n_out, n_ok, stride_om, HAS_BIAS, INTERPRET)
+
+
+@triton.jit
+def _scale_zero(sz_ptr, g, offs_n, N_pad):
+    sz = sz_ptr + _sz_offsets(g, offs_n, N_pad)
+    return tl.load(sz).to(tl.float32), tl.load(sz + 1).to(tl.float32)
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["M_BUCKET", "SPLIT_K"])
 def _sinq_gemv_kernel(
-    x_ptr, qw_ptr, sz_ptr, t_ptr, blk_ptr, bias_ptr, out_ptr,
+    x_ptr, qw_ptr, sz_ptr, t_ptr, blk_ptr, lut_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, N_pad, stride_xm, stride_om, M_BUCKET, SPLIT_K,
     GROUP: tl.constexpr, BITS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, CODEBOOK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Group-factored GEMV without tensor cores; requires GROUP % BLOCK_K == 0."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
 
     offs_n, n_out, n_ok, shard = _tile_columns(pid_n, blk_ptr, BLOCK_N, ALIGN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -170,38 +248,34 @@ def _sinq_gemv_kernel(
 
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
     for kb in range(kb0, kb1):
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_k = _block_k(kb, BLOCK_K, BITS)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
-        t = tl.load(t_ptr + shard * K + offs_k)
+        t = tl.load(t_ptr + shard * K + offs_k).to(tl.float32)
         xt = x.to(tl.float32) * t[None, :]  # [BM, BK], kept in fp32
-        words = tl.load(qw_ptr + (offs_k // PACK)[:, None] * N_pad + offs_n[None, :])
-        q = ((words >> _code_shift(offs_k, BITS)[:, None]) & MASK).to(tl.float32)  # [BK, BN]
-        part = _sum(xt[:, :, None] * q[None, :, :], 1)  # [BM, BN]
+        v = _values(_codes(qw_ptr, kb, offs_n, K, N_pad, BLOCK_K, BLOCK_N, BITS), lut_ptr, CODEBOOK)  # [BK, BN]
+        part = _sum(xt[:, :, None] * v[None, :, :], 1)  # [BM, BN]
         sx = _sum(xt, 1)  # [BM]
-        g = (kb * BLOCK_K) // GROUP
-        sz = sz_ptr + (g * N_pad + offs_n) * 2
-        s = tl.load(sz).to(tl.float32)
-        z = tl.load(sz + 1).to(tl.float32)
+        s, z = _scale_zero(sz_ptr, (kb * BLOCK_K) // GROUP, offs_n, N_pad)
         acc += s[None, :] * (part - z[None, :] * sx[:, None])
 
-    _store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, m_ok, n_out, n_ok, M, N, stride_om, SPLIT, HAS_BIAS, INTERPRET)
+    tile = pid_m * tl.num_programs(0) + pid_n
+    _finish_tile(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, tile, pid_k, SPLIT_K, offs_m, m_ok, n_out, n_ok, stride_om,
+                 BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET", "SPLIT_K"])
 def _sinq_gemm_kernel(
-    x_ptr, qw_ptr, sz_ptr, t_ptr, blk_ptr, bias_ptr, out_ptr,
+    x_ptr, qw_ptr, sz_ptr, t_ptr, blk_ptr, lut_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, N_pad, stride_xm, stride_om, M_BUCKET, SPLIT_K,
     GROUP: tl.constexpr, BITS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, FACTORED: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, CODEBOOK: tl.constexpr, FACTORED: tl.constexpr,
     GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Tiled tensor-core GEMM; FACTORED applies s and z per K block (GROUP % BLOCK_K == 0),
     otherwise B is dequantized per element."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     act_dtype = x_ptr.dtype.element_ty
 
     # grouped tile order: GROUP_M row tiles share each column tile's weights in L2
@@ -221,58 +295,73 @@ def _sinq_gemm_kernel(
 
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
     for kb in range(kb0, kb1):
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_k = _block_k(kb, BLOCK_K, BITS)
         k_ok = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                     other=0.0)
-        t = tl.load(t_ptr + shard * K + offs_k, mask=k_ok, other=0.0)
+        t = tl.load(t_ptr + shard * K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         a = _round(x.to(tl.float32) * t[None, :], act_dtype, INTERPRET)  # x * t rounded once: the A operand
-        words = tl.load(qw_ptr + (offs_k // PACK)[:, None] * N_pad + offs_n[None, :], mask=k_ok[:, None], other=0)
-        q = (words >> _code_shift(offs_k, BITS)[:, None]) & MASK  # [BK, BN] int32
+        q = _codes(qw_ptr, kb, offs_n, K, N_pad, BLOCK_K, BLOCK_N, BITS)  # [BK, BN] int32
         if FACTORED:
             sx = _sum(a.to(tl.float32), 1)  # sum of exactly the A values the dot sees
-            if INTERPRET:  # bf16 tl.dot is wrong in the interpreter: fp32 operands, same values
-                part = tl.dot(a.to(tl.float32), q.to(tl.float32))
+            if CODEBOOK:
+                b = _round(_values(q, lut_ptr, CODEBOOK), act_dtype, INTERPRET)
+            elif INTERPRET:
+                b = q.to(tl.float32)  # the interpreter's int -> bf16 cast is wrong too
             else:
-                part = tl.dot(a, q.to(act_dtype))  # integer codes are exact in fp16/bf16
-            g = (kb * BLOCK_K) // GROUP
-            sz = sz_ptr + (g * N_pad + offs_n) * 2
-            s = tl.load(sz).to(tl.float32)
-            z = tl.load(sz + 1).to(tl.float32)
+                b = q.to(act_dtype)  # integer codes are exact in fp16/bf16
+            if INTERPRET:  # bf16 tl.dot is wrong in the interpreter: fp32 operands, same values
+                part = tl.dot(a.to(tl.float32), b.to(tl.float32))
+            else:
+                part = tl.dot(a, b)
+            s, z = _scale_zero(sz_ptr, (kb * BLOCK_K) // GROUP, offs_n, N_pad)
             acc += s[None, :] * (part - z[None, :] * sx[:, None])
         else:
             if GROUP % BLOCK_K == 0:
-                g = (kb * BLOCK_K) // GROUP
-                sz = sz_ptr + (g * N_pad + offs_n) * 2
-                s = tl.load(sz).to(tl.float32)[None, :]
-                z = tl.load(sz + 1).to(tl.float32)[None, :]
+                s, z = _scale_zero(sz_ptr, (kb * BLOCK_K) // GROUP, offs_n, N_pad)
+                s = s[None, :]
+                z = z[None, :]
             else:
-                g2 = tl.minimum(offs_k, K - 1) // GROUP
-                sz = sz_ptr + (g2[:, None] * N_pad + offs_n[None, :]) * 2
-                s = tl.load(sz).to(tl.float32)
-                z = tl.load(sz + 1).to(tl.float32)
-            b = _round((q.to(tl.float32) - z) * s, act_dtype, INTERPRET)
+                s, z = _scale_zero(sz_ptr, (tl.minimum(offs_k, K - 1) // GROUP)[:, None], offs_n[None, :], N_pad)
+            b = _round((_values(q, lut_ptr, CODEBOOK) - z) * s, act_dtype, INTERPRET)
             if INTERPRET:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
             else:
                 acc = tl.dot(a, b, acc)
 
-    _store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, m_ok, n_out, n_ok, M, N, stride_om, SPLIT, HAS_BIAS, INTERPRET)
+    _finish_tile(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT_K, offs_m, m_ok, n_out, n_ok, stride_om,
+                 BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, INTERPRET)
 
 
 @triton.jit
-def _splitk_reduce_kernel(p_ptr, bias_ptr, out_ptr, M, N, SPLIT_K, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
-    """out[m, n] = sum_s partials[s, m, n] (fixed order) + bias[n]; out contiguous [M, N]."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.full([BLOCK], 0.0, dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+def _sinq_dequant_kernel(
+    qw_ptr, sz_ptr, t_ptr, lut_ptr, out_ptr, K, N_pad, shard, col0, rows,
+    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    CODEBOOK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """out[r, k] = (V(Q) - z) * s * t[shard, k] for padded column col0 + r (r < rows); GROUP % BLOCK_K == 0."""
+    PACK: tl.constexpr = 32 // BITS
+    BW: tl.constexpr = BLOCK_K // PACK
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_r = tl.program_id(0)
+    kb = tl.program_id(1)
+    offs_r = pid_r * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = offs_r < rows
+    offs_n = col0 + offs_r
+    offs_w = kb * BW + tl.arange(0, BW)
+    words = tl.load(qw_ptr + _word_offsets(offs_w[:, None], offs_n[None, :], N_pad), mask=r_ok[None, :], other=0)
+    q3 = (words[None, :, :] >> _code_shifts(BITS)[:, None, None]) & MASK  # [P, BW, BN]
+    k3 = offs_w[None, :, None] * PACK + tl.arange(0, PACK)[:, None, None]  # [P, BW, 1]
+    t = tl.load(t_ptr + shard * K + k3).to(tl.float32)
+    sz = sz_ptr + _sz_offsets((kb * BLOCK_K) // GROUP, offs_n, N_pad)
+    s = tl.load(sz, mask=r_ok, other=0.0).to(tl.float32)
+    z = tl.load(sz + 1, mask=r_ok, other=0.0).to(tl.float32)
+    w3 = (_values(q3, lut_ptr, CODEBOOK) - z[None, None, :]) * s[None, None, :] * t
+    w = tl.reshape(tl.permute(w3, (2, 1, 0)), (BLOCK_N, BLOCK_K))  # column k = w * P + i: natural order
     out_dtype = out_ptr.dtype.element_ty
-    tl.store(out_ptr + offs, _round(acc, out_dtype, INTERPRET).to(out_dtype), mask=mask)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :], _round(w, out_dtype, INTERPRET).to(out_dtype),
+             mask=r_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------
@@ -373,7 +462,9 @@ def candidate_configs(path: str, m: int, group: int, align: int, k: int) -> list
 
 
 def default_config(path: str, m: int, group: int, align: int, k: int) -> Config:
-    """Fixed config used when autotuning is off (and the fallback of every pruned list)."""
+    """Fixed config used when autotuning is off (and the fallback of every pruned list).
+    Every default is compiled for sm_80 and sm_90 by the offline resource check
+    (tests/test_gpu_resources.py: no spills, >= 2 CTAs per SM)."""
     bk_cap = _largest_pow2_divisor(group, 256)
     if interpreting():
         bn = min(32, align)
@@ -384,9 +475,6 @@ def default_config(path: str, m: int, group: int, align: int, k: int) -> Config:
     if path == "gemv":
         bm = min(_pow2_ceil(m), 4)
         return Config(bm, min(bn_cap, 128), min(64 if bm == 1 else 32, bk_cap), 4, 2)
-    # register use checked by compiling for sm_90 (cuobjdump --dump-resource-usage): these
-    # defaults do not spill; e.g. dequant 128x128x64 with 4 warps or factored 64x64x64
-    # with 4 warps do.
     if path == "factored":
         bm = _block_m(path, m)
         return Config(bm, min(bn_cap, 64), min(64, bk_cap), 4 if bm <= 32 else 8, 3)
@@ -394,25 +482,68 @@ def default_config(path: str, m: int, group: int, align: int, k: int) -> Config:
     return Config(bm, bn_cap, 32, 8 if bm == 128 else 4, 3)
 
 
+DEQUANT_BLOCK_N = 64
+
+
+def dequant_block_k(group: int) -> int:
+    return min(64, _largest_pow2_divisor(group, 64))
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_split_k(path: str, m: int, n_pad: int, k: int, group: int, device: torch.device) -> int:
-    """Split K when the output tiles alone cannot fill the GPU (decode shapes)."""
+def choose_split_k(path: str, m: int, n_pad: int, k: int, nbits: int, config: Config, device: torch.device) -> int:
+    """Split K when the output tiles alone cannot give every SM ``TARGET_CTAS_PER_SM`` programs
+    (decode shapes): at least 2 K blocks per split, and fp32 partials (written and read once,
+    mostly in L2) at most half the packed weight bytes."""
     if path == "dequant":
         return 1
+    tiles = max(1, n_pad // config.block_n) * max(1, -(-m // config.block_m))
+    kblocks = max(1, k // config.block_k)
     if device.type != "cuda":
-        return 2 if k >= 4 * group and k >= 128 else 1  # interpreter: exercise split-K on larger K
+        return 2 if kblocks >= 4 else 1  # interpreter: exercise split-K on larger K
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    tiles = max(1, n_pad // 64) * max(1, -(-m // _block_m(path, m)))
-    kblocks = max(1, k // max(32, min(group, 128)))
-    split = 1
-    # up to ~2 waves of programs; keep >= 2 K blocks per split; partials <= ~1/4 of weight bytes
-    while split * 2 <= 16 and tiles * split * 2 <= 2 * sms and kblocks // (split * 2) >= 2 and 32 * m * split * 2 <= k:
-        split *= 2
-    return split
+    want = -(-TARGET_CTAS_PER_SM * sms // tiles)
+    by_traffic = max(1, (k * nbits) // (128 * max(1, m)))
+    return max(1, min(want, kblocks // 2, by_traffic, 32))
+
+
+def _tiles(path: str, m: int, n_pad: int, config: Config) -> int:
+    return (n_pad // config.block_n) * -(-m // config.block_m)
+
+
+def selectable_variants(groups=(16, 32, 64, 128), ms=(1, 2, 3, 4, 8, 16, 32, 64, 128, 256)) -> list[dict]:
+    """Every (kernel, constexpr set, config) the fixed defaults can launch for the backends'
+    align (128), 4- and 8-bit containers, fp16/bf16 (and fp32 on the gemv path), with and
+    without a codebook (4-bit only), split-K on and off (GEMV and factored only). Bias,
+    ALIGN and the exact group change no register or shared-memory use; the K block does."""
+    out, seen = [], set()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for m in ms:
+            path = choose_path(m, dtype)
+            for group in groups:
+                cfg = default_config(path, m, group, 128, 4 * group)
+                for bits in (4, 8):
+                    for codebook in ((False, True) if bits == 4 else (False,)):
+                        for split in ((False, True) if path != "dequant" else (False,)):
+                            key = (path, dtype, bits, codebook, split, cfg)
+                            if key not in seen:
+                                seen.add(key)
+                                out.append(dict(kernel=path, dtype=dtype, bits=bits, codebook=codebook, split=split,
+                                                group=group, config=cfg))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for group in groups:
+            bk = dequant_block_k(group)
+            for bits in (4, 8):
+                for codebook in ((False, True) if bits == 4 else (False,)):
+                    key = ("dequantize_shard", dtype, bits, codebook, bk)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(dict(kernel="dequantize_shard", dtype=dtype, bits=bits, codebook=codebook,
+                                        split=False, group=group, config=Config(1, DEQUANT_BLOCK_N, bk, 4, 1)))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -436,12 +567,23 @@ def _autotuned(path: str, m_bkt: int, group: int, align: int, k: int):
     return fn
 
 
+def _container_bits(qweight: torch.Tensor, k: int) -> int:
+    """Container width from qweight's word rows (``W_pad`` = K / P rounded up to 4 rows)."""
+    for bits in (4, 8):
+        words = -(-k // (32 // bits))
+        if qweight.shape[0] == -(-words // 4) * 4:
+            return bits
+    raise ValueError(f"qweight {tuple(qweight.shape)} does not match in_features {k}")
+
+
 def sinq_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales_zeros: torch.Tensor,
     col_scales: torch.Tensor,
     blk: torch.Tensor,
+    counters: torch.Tensor | None,
+    codebook: torch.Tensor | None,
     bias: torch.Tensor | None,
     nbits: int,
     group_size: int,
@@ -452,17 +594,14 @@ def sinq_linear(
 ) -> torch.Tensor:
     """``y = sinq_linear(x[M, K])`` -> ``[M, out_features]`` in ``x.dtype``.
 
+    ``counters``: the layout's zeroed arrival counters (None or too small: a zeroed temporary).
     ``path``/``split_k``/``config`` override the automatic choices (tests, benchmarks)."""
     if x.dim() != 2:
         raise ValueError("x must be 2-D [M, K]")
     m, k = x.shape
     n = out_features
     n_pad = qweight.shape[1]
-    rows = qweight.shape[0]
-    per = k // rows if rows and k % rows == 0 else 0
-    if per not in (4, 8):
-        raise ValueError(f"qweight {tuple(qweight.shape)} does not match in_features {k}")
-    bits = 32 // per
+    bits = _container_bits(qweight, k)
     align = n_pad // blk.shape[0] if blk.shape[0] else 128
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -474,15 +613,26 @@ def sinq_linear(
         raise ValueError(f"unknown path {path!r}")
     if path != "gemv" and x.dtype == torch.float32:
         raise ValueError("the tensor-core paths need fp16 or bf16 activations")
+    tuned = config is None and autotune_enabled()
+    cfg = config or default_config(path, m, group_size, align, k)
     if split_k is None:
-        split_k = choose_split_k(path, m, n_pad, k, group_size, x.device)
+        split_k = choose_split_k(path, m, n_pad, k, bits, cfg, x.device)
+    # the tuner picks the blocks at launch: size the scratch for any of its candidates
+    cfgs = candidate_configs(path, m_bucket(m), group_size, align, k) if tuned else [cfg]
+    tiles = max(_tiles(path, m, n_pad, c) for c in cfgs)
+    ws_elems = split_k * max(_tiles(path, m, n_pad, c) * c.block_m * c.block_n for c in cfgs)
+    if split_k > 1:
+        ws = torch.empty(ws_elems, dtype=torch.float32, device=x.device)
+        if counters is None or counters.numel() < tiles:
+            counters = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+    else:
+        ws = out
+        counters = counters if counters is not None else blk
     has_bias = bias is not None
-    target = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-    bias_arg = bias if has_bias else out
     common = dict(GROUP=group_size, BITS=bits, ALIGN=align, SPLIT=split_k > 1, HAS_BIAS=has_bias,
-                  INTERPRET=interpreting())
-    args = (x, qweight, scales_zeros, col_scales, blk, bias_arg, target, m, n, k, n_pad, x.stride(0), n, m_bucket(m),
-            split_k)
+                  CODEBOOK=codebook is not None, INTERPRET=interpreting())
+    args = (x, qweight, scales_zeros, col_scales, blk, codebook if codebook is not None else col_scales,
+            bias if has_bias else out, out, ws, counters, m, n, k, n_pad, x.stride(0), n, m_bucket(m), split_k)
     if path != "gemv":
         common.update(FACTORED=path == "factored", GROUP_M=8)
 
@@ -493,18 +643,26 @@ def sinq_linear(
             return (tiles_n, split_k, tiles_m)
         return (tiles_n * tiles_m, split_k)
 
-    if config is None and autotune_enabled():
+    if tuned:
         _autotuned(path, m_bucket(m), group_size, align, k)[grid](*args, **common)
     else:
-        cfg = config or default_config(path, m, group_size, align, k)
         kernel = _sinq_gemv_kernel if path == "gemv" else _sinq_gemm_kernel
         kernel[grid](*args, **common, **cfg.kwargs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
 
-    if split_k > 1:
-        block = 256 if interpreting() else 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            target, bias_arg, out, m, n, SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, INTERPRET=interpreting()
-        )
+
+def dequantize_shard(out: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, col_scales: torch.Tensor,
+                     codebook: torch.Tensor | None, group_size: int, shard: int, col0: int) -> torch.Tensor:
+    """``out[r, :] = (V(Q) - z) * s * t[shard]`` (``out.dtype``) of padded columns ``col0 + r``, r < out rows."""
+    rows, k = out.shape
+    bits = _container_bits(qweight, k)
+    bk = dequant_block_k(group_size)
+    grid = (triton.cdiv(rows, DEQUANT_BLOCK_N), k // bk)
+    _sinq_dequant_kernel[grid](
+        qweight, scales_zeros, col_scales, codebook if codebook is not None else col_scales, out,
+        k, qweight.shape[1], shard, col0, rows, GROUP=group_size, BITS=bits, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=bk,
+        CODEBOOK=codebook is not None, INTERPRET=interpreting(), num_warps=4, num_stages=1,
+    )
     return out
 
 
@@ -516,23 +674,33 @@ _TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32
 
 
 def compile_for_target(path: str, act_dtype: torch.dtype, nbits: int, group: int, config: Config,
-                       align: int = 128, split_k: int = 1, has_bias: bool = True, arch: int = 90):
-    """Compile one kernel variant for ``sm_<arch>`` with Triton's bundled ptxas, without a
-    GPU; returns the ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``)."""
+                       align: int = 128, split: bool = False, has_bias: bool = True, codebook: bool = False,
+                       arch: int = 90):
+    """Compile one kernel variant (``path``: a GEMM path or ``"dequantize_shard"``) for
+    ``sm_<arch>`` with Triton's bundled ptxas, without a GPU; returns the ``CompiledKernel``
+    (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``)."""
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
     from triton.compiler import ASTSource  # noqa: PLC0415
 
     act = _TL_TYPES[act_dtype]
-    out = act if split_k == 1 else "fp32"
-    sig = {"x_ptr": f"*{act}", "qw_ptr": "*i32", "sz_ptr": "*fp16", "t_ptr": "*fp32", "blk_ptr": "*i32",
-           "bias_ptr": f"*{act}", "out_ptr": f"*{out}", "M": "i32", "N": "i32", "K": "i32", "N_pad": "i32",
-           "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "SPLIT_K": "i32"}
-    consts = dict(GROUP=group, BITS=4 if nbits <= 4 else 8, ALIGN=align, SPLIT=split_k > 1, HAS_BIAS=has_bias,
-                  INTERPRET=False, **config.kwargs())
-    if path != "gemv":
-        consts.update(FACTORED=path == "factored", GROUP_M=8)
+    bits = 4 if nbits <= 4 else 8
+    if path == "dequantize_shard":
+        kernel = _sinq_dequant_kernel
+        sig = {"qw_ptr": "*i32", "sz_ptr": "*fp16", "t_ptr": "*fp16", "lut_ptr": "*fp32", "out_ptr": f"*{act}",
+               "K": "i32", "N_pad": "i32", "shard": "i32", "col0": "i32", "rows": "i32"}
+        consts = dict(GROUP=group, BITS=bits, BLOCK_N=config.block_n, BLOCK_K=config.block_k, CODEBOOK=codebook,
+                      INTERPRET=False)
+    else:
+        kernel = _sinq_gemv_kernel if path == "gemv" else _sinq_gemm_kernel
+        sig = {"x_ptr": f"*{act}", "qw_ptr": "*i32", "sz_ptr": "*fp16", "t_ptr": "*fp16", "blk_ptr": "*i32",
+               "lut_ptr": "*fp32", "bias_ptr": f"*{act}", "out_ptr": f"*{act}", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+               "M": "i32", "N": "i32", "K": "i32", "N_pad": "i32", "stride_xm": "i32", "stride_om": "i32",
+               "M_BUCKET": "i32", "SPLIT_K": "i32"}
+        consts = dict(GROUP=group, BITS=bits, ALIGN=align, SPLIT=split, HAS_BIAS=has_bias, CODEBOOK=codebook,
+                      INTERPRET=False, **config.kwargs())
+        if path != "gemv":
+            consts.update(FACTORED=path == "factored", GROUP_M=8)
     sig.update({k: "constexpr" for k in consts})
-    kernel = _sinq_gemv_kernel if path == "gemv" else _sinq_gemm_kernel
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages,
@@ -540,7 +708,7 @@ def compile_for_target(path: str, act_dtype: torch.dtype, nbits: int, group: int
 
 
 # --------------------------------------------------------------------------------------
-# interpreter instance (CPU tensors: tests, --interpret-smoke)
+# interpreter instance (CPU tensors: tests, --dry-run)
 # --------------------------------------------------------------------------------------
 
 _INTERPRETED = None

@@ -1,159 +1,90 @@
-// SINQ decode kernel (M <= 16): y = (x * t_shard) @ ((Q - z) * s)^T + bias, on sm_80+.
+// SINQ decode kernel (M <= 64): y = (x * t_shard) @ ((V(Q) - z) * s)^T + bias, on sm_80+.
 //
 // Pure CUDA (raw pointers, cudaStream_t, no torch headers). Layout: sinq_cuda.h and
-// sinq_vllm/kernels/gpu_layout.py.
+// sinq_vllm/kernels/gpu_layout.py (docs/design.md §4.3).
 //
-// Design
+// Design (docs/design.md §4.2)
 // ------
 // * Tensor cores with swapped operands: the m16n8k16 "M" side is 16 weight columns
 //   (output features), the "N" side 8 tokens, so M <= 8 wastes nothing on the token side
-//   and M <= 16 takes two token tiles sharing every weight fragment.
+//   and a CTA takes 16 tokens as two token tiles sharing every weight fragment. M up to
+//   64 runs ceil(M / 16) token blocks as adjacent CTAs (blockIdx.x), which read the same
+//   weight tile at about the same time, so the weights come from HBM once and from L2
+//   for the other blocks.
 // * Group-factored float zeros: for each quantization group
-//       y += s * (sum_k xt * q  -  z * sum_k xt)
-//   The B operand is the raw code q (exact in fp16/bf16), the token operand is
-//   xt = x * t rounded to the activation dtype once; both sums accumulate in fp32 on the
-//   tensor cores (sum_k xt by an extra mma against an all-ones fragment, which yields it
-//   directly in the accumulator layout). Scale and zero are applied once per
-//   (group, output) instead of once per weight: per weight the kernel only does
-//   lop3 + hsub2 on pairs (4-bit) to build the operand. Exact codes and fp32
-//   accumulation make this at least as faithful as dequantize-then-multiply.
-// * The layout's nibble order puts codes (2p, 2p+1) of a word in nibbles (p, p+4), so
+//       y += s * (sum_k xt * V(q)  -  z * sum_k xt)
+//   The A operand is the exact code q (or its codebook value V(q) from a 16-entry table in
+//   shared memory: NF4/NF3), the token operand is xt = x * t rounded to the activation
+//   dtype once; both sums accumulate in fp32 on the tensor cores (sum_k xt by an extra mma
+//   against an all-ones fragment, which yields it directly in the accumulator layout).
+//   Scale and zero are applied once per (group, output) instead of once per weight.
+// * Lane order: codes (2p, 2p+1) of a word sit in nibbles (p, p+4), so
 //   `lop3(w >> 4p, 0x000f000f, magic)` is one operand register. Within a 32-wide K chunk,
-//   lane (g = lane/4, j = lane%4) reads word row 4c + j of its columns: codes
-//   k = 32c + 8j + i. The mma's k-slots (2j, 2j+1, 2j+8, 2j+9) of step s are mapped to
-//   k = 32c + 8j + 4s + (0, 1, 2, 3) on both operands (a permutation of the reduction
-//   index, so the result is unchanged). 8-bit: chunks of 16, k = 16c + 4j + i, one step.
-// * The column scale t of the warp's shard (every 128-column block lies in one shard) is
-//   applied to x in registers: no separate activation-scaling kernel and no extra launch.
-//   (Large M runs the Triton kernels, which multiply each A tile by its shard's t the same
-//   way, so no activation-scaling kernel exists at all.)
-// * Memory: every weight word is read by exactly one lane, with cache-streaming loads, in
-//   fully used 32-byte sectors; a register ring prefetches STAGES chunks ahead. Each warp
-//   owns 32 columns and a K slice; split-K partials go to an fp32 buffer that a second
-//   small kernel sums in a fixed order (deterministic, CUDA-graph safe, no zero-fill).
+//   lane (g = lane/4, j = lane%4) owns word row 4c + j of its warp's columns
+//   g, g+8, g+16, g+24: codes k = 32c + 8j + i. The mma's k-slots (2j, 2j+1, 2j+8, 2j+9)
+//   of step s are mapped to k = 32c + 8j + 4s + (0, 1, 2, 3) on both operands (a
+//   permutation of the reduction index). 8-bit: chunks of 16, k = 16c + 4j + i, one step.
+// * Memory: the layout stores each lane's four words of a chunk contiguously, so a lane
+//   issues one 16-byte streaming load per chunk and a warp reads 512 contiguous bytes;
+//   a register ring keeps STAGES chunks (16 * STAGES bytes per lane) in flight. The
+//   (scale, zero) pairs of a group are one 16-byte load per lane as well. The column scale
+//   t of the warp's shard (every 128-column CTA lies in one shard) is applied to x in
+//   registers: no activation-scaling kernel.
+// * Split-K in one launch: the planner splits K so that the grid gives every SM about as
+//   many CTAs as can be resident (occupancy API). Each split stores its partial sums to a
+//   workspace, then the CTA's thread 0 counts its arrival on the tile's counter; the last
+//   CTA sums all splits in split order (deterministic), adds the bias, writes y and resets
+//   the counter to 0, so the counters are zero again after every launch (CUDA graphs).
 //
 // Why no Hopper (wgmma/TMA) variant: wgmma needs M = 64 rows per warpgroup, i.e. 64
-// weight columns x (tokens padded to 8) per instruction; at M <= 16 the kernel is bound
-// by HBM bandwidth, not by tensor-core issue (mma.sync covers the needed rate with a wide
-// margin: ~0.2 mma per SM clock at 3.35 TB/s), and the loads are plain streaming loads
-// that TMA would not make faster. Large M goes to the Triton GEMM, where wgmma pays.
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+// weight columns x (tokens padded to 8) per instruction; at M <= 64 the kernel is bound by
+// HBM bandwidth, not by tensor-core issue (mma.sync covers the needed rate with a wide
+// margin), and the loads are plain streaming loads that TMA would not make faster.
 
 #include <algorithm>
 #include <cstdint>
 
+#include "sinq_act.cuh"
 #include "sinq_cuda.h"
 
 namespace sinq_cuda {
 namespace {
 
+using detail::Act;
+
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kTiles = 2;     // 16-column tiles per warp
-constexpr int kStages = 4;    // K chunks in flight per warp
+constexpr int kTiles = 2;  // 16-column tiles per warp
 static_assert(kWarps * kTiles * 16 == kGemvCtaColumns, "CTA width");
+static_assert(2 * 8 == kGemvTokenBlock, "two token tiles per CTA");
 
-template <typename T>
-struct Act;
-
+// Pipeline depth and the occupancy the register budget is held to (__launch_bounds__):
+// one token tile keeps 5 chunks (80 bytes) in flight per lane at 4 CTAs per SM, two
+// token tiles 4 chunks at 3 CTAs per SM.
+template <int MT>
+struct Tuning;
 template <>
-struct Act<__half> {
-  using T2 = __half2;
-  static constexpr uint32_t kMagic4 = 0x64006400u;  // 1024.0 in both halves: (0x6400 | q) = 1024 + q
-  static constexpr uint32_t kOnes = 0x3C003C00u;    // (1.0, 1.0)
-  __device__ static __forceinline__ uint32_t sub_magic4(uint32_t v) {
-    const uint32_t magic = kMagic4;
-    __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&v), *reinterpret_cast<const __half2*>(&magic));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 r = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static __forceinline__ float2 unpack(uint32_t v) {
-    return __half22float2(*reinterpret_cast<const __half2*>(&v));
-  }
-  __device__ static __forceinline__ float to_float(__half v) { return __half2float(v); }
-  __device__ static __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  // codes i0, i1 (bytes sel0, sel1 of w) of an 8-bit word as an exact half2 pair
-  template <int B0, int B1>
-  __device__ static __forceinline__ uint32_t byte_pair(uint32_t w) {
-    // result bytes [w.B0, 0x64, w.B1, 0x64] = half2(1024 + q0, 1024 + q1)
-    const uint32_t r = __byte_perm(w, 0x64646464u, (B0) | (4 << 4) | (B1 << 8) | (4 << 12));
-    return sub_magic4(r);
-  }
-  __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
+struct Tuning<1> {
+  static constexpr int kStages = 5;
+  static constexpr int kMinBlocks = 4;
 };
-
 template <>
-struct Act<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  static constexpr uint32_t kMagic4 = 0x43004300u;  // 128.0 in both halves: (0x4300 | q) = 128 + q
-  static constexpr uint32_t kOnes = 0x3F803F80u;    // (1.0, 1.0)
-  __device__ static __forceinline__ uint32_t sub_magic4(uint32_t v) {
-    const uint32_t magic = kMagic4;
-    __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
-                               *reinterpret_cast<const __nv_bfloat162*>(&magic));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static __forceinline__ float2 unpack(uint32_t v) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-  }
-  __device__ static __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  template <int B0, int B1>
-  __device__ static __forceinline__ uint32_t byte_pair(uint32_t w) {
-    // bf16 has 8 significant bits: 128 + q is not exact for q >= 128, so go through fp32:
-    // bytes [w.B, 0, 0, 0x4B] = 2^23 + q exactly; minus 2^23 = q; q <= 255 is exact in bf16.
-    const float q0 = __uint_as_float(__byte_perm(w, 0x4B000000u, (B0) | (4 << 4) | (4 << 8) | (7 << 12))) - 8388608.0f;
-    const float q1 = __uint_as_float(__byte_perm(w, 0x4B000000u, (B1) | (4 << 4) | (4 << 8) | (7 << 12))) - 8388608.0f;
-    return pack(q0, q1);
-  }
-  __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
+struct Tuning<2> {
+  static constexpr int kStages = 4;
+  static constexpr int kMinBlocks = 3;
 };
-
-// (a & MASK) | OR in one instruction
-template <uint32_t MASK, uint32_t OR>
-__device__ __forceinline__ uint32_t and_or(uint32_t a) {
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "n"(MASK), "n"(OR));
-  return r;
-}
-
-// Codes (2p, 2p+1) of a 4-bit word (nibbles p, p+4) as an exact T2 pair.
-template <typename T, int P>
-__device__ __forceinline__ uint32_t nibble_pair(uint32_t w) {
-  return Act<T>::sub_magic4(and_or<0x000F000Fu, Act<T>::kMagic4>(w >> (4 * P)));
-}
 
 struct Params {
   const void* x;
-  const uint32_t* qweight;
-  const uint32_t* scales_zeros;
-  const float* col_scales;
+  const uint4* qweight;
+  const uint4* scales_zeros;
+  const uint16_t* col_scales;
   const int32_t* blk;
+  const float* codebook;
   const void* bias;
   void* out;
-  float* partials;
+  float* workspace;
+  int32_t* counters;
   int64_t x_row_stride;
   int m, n, k, n_pad, group_size, align, split_k, k_per_split;
 };
@@ -164,34 +95,57 @@ struct Stage;
 
 template <int MT>
 struct Stage<4, MT> {
-  uint32_t w[kTiles][2];  // [tile][column r / r+8]
-  uint4 x[MT];            // 8 activations of token g (+8 mt) at k = 32c + 8j ...
-  float4 t0, t1;          // the 8 column scales
+  uint4 w;      // words of columns g, g+8, g+16, g+24 (slot 2t + h: tile t, row half h)
+  uint4 x[MT];  // 8 activations of token g (+8 mt) at k = 32c + 8j ...
+  uint4 t;      // their 8 column scales (fp16)
 };
 
 template <int MT>
 struct Stage<8, MT> {
-  uint32_t w[kTiles][2];
+  uint4 w;
   uint2 x[MT];  // 4 activations at k = 16c + 4j ...
-  float4 t0;
+  uint2 t;
 };
 
-template <typename T, int BITS, int MT>
-__global__ void __launch_bounds__(kThreads) sinq_gemv_kernel(const Params p) {
+__device__ __forceinline__ uint32_t word_of(const uint4& w, int slot) {
+  return slot == 0 ? w.x : slot == 1 ? w.y : slot == 2 ? w.z : w.w;
+}
+
+// The 32-bit words of a 16- or 8-byte load (pairs of fp16/bf16 values), zero-filled to 4.
+__device__ __forceinline__ void words_of(const uint4& v, uint32_t (&o)[4]) {
+  o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w;
+}
+__device__ __forceinline__ void words_of(const uint2& v, uint32_t (&o)[4]) {
+  o[0] = v.x, o[1] = v.y, o[2] = o[3] = 0u;
+}
+
+template <typename T, int BITS, int MT, bool LUT>
+__global__ void __launch_bounds__(kThreads, Tuning<MT>::kMinBlocks) sinq_gemv_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int PACK = 32 / BITS;   // codes per word
   constexpr int CK = 4 * PACK;      // K per chunk: 4 word rows (one per lane of a quad)
   constexpr int KPL = PACK;         // K per lane per chunk
+  constexpr int STAGES = Tuning<MT>::kStages;
+  constexpr int VALS = kTiles * MT * 4;  // accumulator values per thread
   using A = Act<T>;
+  static_assert(!LUT || BITS == 4, "codebooks index 4-bit containers");
+
+  __shared__ uint16_t lut[16];
+  __shared__ int last_split;
+  if constexpr (LUT) {
+    if (threadIdx.x < 16) lut[threadIdx.x] = A::bits(p.codebook[threadIdx.x]);
+    __syncthreads();
+  }
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;  // mma groupID: weight column within a tile, token within a token tile
   const int j = lane & 3;   // threadID_in_group: which word row of the chunk
-  const int col0 = (blockIdx.x * kWarps + warp) * (16 * kTiles);
-  if (col0 >= p.n_pad) return;  // warp-uniform
+  const int m0 = blockIdx.x * kGemvTokenBlock;
+  const int col0 = (blockIdx.y * kWarps + warp) * (16 * kTiles);  // n_pad % 128 == 0: always < n_pad
+  const int wt = col0 >> 5;
 
-  const int split = blockIdx.y;
+  const int split = blockIdx.z;
   const int kbeg = split * p.k_per_split;
   const int kend = min(p.k, kbeg + p.k_per_split);
   const int nch = kend > kbeg ? (kend - kbeg) / CK : 0;
@@ -203,18 +157,18 @@ __global__ void __launch_bounds__(kThreads) sinq_gemv_kernel(const Params p) {
   const int valid = __ldg(p.blk + 3 * blk + 2);
   const int local0 = col0 - blk * p.align;
 
-  const uint32_t* wbase = p.qweight + static_cast<int64_t>(kbeg / PACK + j) * p.n_pad + col0 + g;
-  const int64_t wstep = static_cast<int64_t>(4) * p.n_pad;  // word rows per chunk
-  const float* tbase = p.col_scales + static_cast<int64_t>(shard) * p.k + kbeg + KPL * j;
+  const uint4* wbase = p.qweight + detail::lane_words(kbeg / CK, wt, p.n_pad, lane);
+  const int64_t wstep = p.n_pad;  // 16-byte words per chunk: (n_pad / 32) warp tiles x 32 lanes
+  const uint16_t* tbase = p.col_scales + static_cast<int64_t>(shard) * p.k + kbeg + KPL * j;
+  const bool lane_has_token = m0 + g < p.m;  // token tile 0; tile 1 tokens are 8 later
   const T* xbase[MT];
   bool xok[MT];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    const int tok = g + 8 * mt;
+    const int tok = m0 + g + 8 * mt;
     xok[mt] = tok < p.m;
     xbase[mt] = static_cast<const T*>(p.x) + static_cast<int64_t>(xok[mt] ? tok : 0) * p.x_row_stride + kbeg + KPL * j;
   }
-  const uint32_t* szbase = p.scales_zeros + col0 + g;
 
   float acc[kTiles][MT][4];
   float accg[kTiles][MT][4];
@@ -232,14 +186,9 @@ __global__ void __launch_bounds__(kThreads) sinq_gemv_kernel(const Params p) {
 
   const uint32_t ones[4] = {A::kOnes, A::kOnes, A::kOnes, A::kOnes};
 
-  Stage<BITS, MT> ring[kStages];
+  Stage<BITS, MT> ring[STAGES];
   auto load = [&](Stage<BITS, MT>& st, int c) {
-    const uint32_t* wp = wbase + c * wstep;
-#pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      st.w[t][0] = __ldcs(wp + 16 * t);
-      st.w[t][1] = __ldcs(wp + 16 * t + 8);
-    }
+    st.w = __ldcs(wbase + c * wstep);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       if constexpr (BITS == 4) {
@@ -248,91 +197,96 @@ __global__ void __launch_bounds__(kThreads) sinq_gemv_kernel(const Params p) {
         st.x[mt] = xok[mt] ? __ldg(reinterpret_cast<const uint2*>(xbase[mt] + c * CK)) : make_uint2(0, 0);
       }
     }
-    st.t0 = __ldg(reinterpret_cast<const float4*>(tbase + c * CK));
-    if constexpr (BITS == 4) st.t1 = __ldg(reinterpret_cast<const float4*>(tbase + c * CK + 4));
+    if constexpr (BITS == 4) {
+      st.t = lane_has_token ? __ldg(reinterpret_cast<const uint4*>(tbase + c * CK)) : make_uint4(0, 0, 0, 0);
+    } else {
+      st.t = lane_has_token ? __ldg(reinterpret_cast<const uint2*>(tbase + c * CK)) : make_uint2(0, 0);
+    }
   };
 
-  // scale/zero pairs of the current group for columns (g, g+8) of each tile
-  uint32_t sz[kTiles][2];
+  // (scale, zero) pairs of the current group for the lane's columns g + 8 slot
+  uint4 sz;
   auto load_sz = [&](int group_index) {
-    const uint32_t* sp = szbase + static_cast<int64_t>(group_index) * p.n_pad;
-#pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      sz[t][0] = __ldg(sp + 16 * t);
-      sz[t][1] = __ldg(sp + 16 * t + 8);
+    sz = __ldg(p.scales_zeros + detail::lane_scales(group_index, wt, p.n_pad, g));
+  };
+
+  // A operand of tile t, step s: rows g / g+8 (slots 2t / 2t+1), code pairs (2s, 2s+1)
+  auto weight_frag = [&](const uint4& w, int t, int s, uint32_t (&a)[4]) {
+    const uint32_t w0 = t == 0 ? w.x : w.z;
+    const uint32_t w1 = t == 0 ? w.y : w.w;
+    if constexpr (BITS == 8) {
+      a[0] = A::template byte_pair<0, 1>(w0);
+      a[1] = A::template byte_pair<0, 1>(w1);
+      a[2] = A::template byte_pair<2, 3>(w0);
+      a[3] = A::template byte_pair<2, 3>(w1);
+    } else if constexpr (LUT) {
+      if (s == 0) {
+        a[0] = detail::lut_pair<0>(w0, lut);
+        a[1] = detail::lut_pair<0>(w1, lut);
+        a[2] = detail::lut_pair<1>(w0, lut);
+        a[3] = detail::lut_pair<1>(w1, lut);
+      } else {
+        a[0] = detail::lut_pair<2>(w0, lut);
+        a[1] = detail::lut_pair<2>(w1, lut);
+        a[2] = detail::lut_pair<3>(w0, lut);
+        a[3] = detail::lut_pair<3>(w1, lut);
+      }
+    } else {
+      if (s == 0) {
+        a[0] = detail::nibble_pair<T, 0>(w0);
+        a[1] = detail::nibble_pair<T, 0>(w1);
+        a[2] = detail::nibble_pair<T, 1>(w0);
+        a[3] = detail::nibble_pair<T, 1>(w1);
+      } else {
+        a[0] = detail::nibble_pair<T, 2>(w0);
+        a[1] = detail::nibble_pair<T, 2>(w1);
+        a[2] = detail::nibble_pair<T, 3>(w0);
+        a[3] = detail::nibble_pair<T, 3>(w1);
+      }
     }
   };
 
   auto compute = [&](const Stage<BITS, MT>& st) {
     // token operand: xt = x * t rounded to T, pairs in k order
-    uint32_t bx[MT][BITS == 4 ? 4 : 2];
+    constexpr int PAIRS = KPL / 2;
+    uint32_t bx[MT][PAIRS];
+    uint32_t ts[4];
+    words_of(st.t, ts);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      if constexpr (BITS == 4) {
-        const uint32_t xs[4] = {st.x[mt].x, st.x[mt].y, st.x[mt].z, st.x[mt].w};
-        const float tv[8] = {st.t0.x, st.t0.y, st.t0.z, st.t0.w, st.t1.x, st.t1.y, st.t1.z, st.t1.w};
+      uint32_t xs[4];
+      words_of(st.x[mt], xs);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float2 xf = A::unpack(xs[q]);
-          bx[mt][q] = A::pack(xf.x * tv[2 * q], xf.y * tv[2 * q + 1]);
-        }
-      } else {
-        const uint32_t xs[2] = {st.x[mt].x, st.x[mt].y};
-        const float tv[4] = {st.t0.x, st.t0.y, st.t0.z, st.t0.w};
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const float2 xf = A::unpack(xs[q]);
-          bx[mt][q] = A::pack(xf.x * tv[2 * q], xf.y * tv[2 * q + 1]);
-        }
+      for (int q = 0; q < PAIRS; ++q) {
+        const float2 xf = A::unpack(xs[q]);
+        const float2 tf = __half22float2(*reinterpret_cast<const __half2*>(&ts[q]));
+        bx[mt][q] = A::pack(xf.x * tf.x, xf.y * tf.y);
       }
     }
-    if constexpr (BITS == 4) {
+    constexpr int STEPS = BITS == 4 ? 2 : 1;
 #pragma unroll
-      for (int s = 0; s < 2; ++s) {
+    for (int s = 0; s < STEPS; ++s) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) A::mma(sxg[mt], ones, bx[mt][2 * s], bx[mt][2 * s + 1]);
-#pragma unroll
-        for (int t = 0; t < kTiles; ++t) {
-          uint32_t a[4];
-          if (s == 0) {
-            a[0] = nibble_pair<T, 0>(st.w[t][0]);
-            a[1] = nibble_pair<T, 0>(st.w[t][1]);
-            a[2] = nibble_pair<T, 1>(st.w[t][0]);
-            a[3] = nibble_pair<T, 1>(st.w[t][1]);
-          } else {
-            a[0] = nibble_pair<T, 2>(st.w[t][0]);
-            a[1] = nibble_pair<T, 2>(st.w[t][1]);
-            a[2] = nibble_pair<T, 3>(st.w[t][0]);
-            a[3] = nibble_pair<T, 3>(st.w[t][1]);
-          }
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) A::mma(accg[t][mt], a, bx[mt][2 * s], bx[mt][2 * s + 1]);
-        }
-      }
-    } else {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) A::mma(sxg[mt], ones, bx[mt][0], bx[mt][1]);
+      for (int mt = 0; mt < MT; ++mt) A::mma(sxg[mt], ones, bx[mt][2 * s], bx[mt][2 * s + 1]);
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
         uint32_t a[4];
-        a[0] = A::template byte_pair<0, 1>(st.w[t][0]);
-        a[1] = A::template byte_pair<0, 1>(st.w[t][1]);
-        a[2] = A::template byte_pair<2, 3>(st.w[t][0]);
-        a[3] = A::template byte_pair<2, 3>(st.w[t][1]);
+        weight_frag(st.w, t, s, a);
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) A::mma(accg[t][mt], a, bx[mt][0], bx[mt][1]);
+        for (int mt = 0; mt < MT; ++mt) A::mma(accg[t][mt], a, bx[mt][2 * s], bx[mt][2 * s + 1]);
       }
     }
   };
 
-  // y += s * (sum xt q - z * sum xt) for the group just finished; c0/c1 are tokens
+  // y += s * (sum xt V(q) - z * sum xt) for the group just finished; c0/c1 are tokens
   // (2j, 2j+1) of column g, c2/c3 the same tokens of column g+8.
   auto finish_group = [&]() {
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float2 s_z = __half22float2(*reinterpret_cast<const __half2*>(&sz[t][h]));
+        const uint32_t pair = word_of(sz, 2 * t + h);
+        const float2 s_z = __half22float2(*reinterpret_cast<const __half2*>(&pair));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -353,17 +307,17 @@ __global__ void __launch_bounds__(kThreads) sinq_gemv_kernel(const Params p) {
   int group_index = kbeg / p.group_size;
   if (nch > 0) load_sz(group_index);
 #pragma unroll
-  for (int s = 0; s < kStages; ++s)
+  for (int s = 0; s < STAGES; ++s)
     if (s < nch) load(ring[s], s);
 
   int in_group = 0;
-  for (int c0 = 0; c0 < nch; c0 += kStages) {
+  for (int c0 = 0; c0 < nch; c0 += STAGES) {
 #pragma unroll
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < STAGES; ++s) {
       const int c = c0 + s;
       if (c < nch) {
         compute(ring[s]);
-        if (c + kStages < nch) load(ring[s], c + kStages);
+        if (c + STAGES < nch) load(ring[s], c + STAGES);
         if (++in_group == cpg || c + 1 == nch) {
           finish_group();
           in_group = 0;
@@ -374,60 +328,100 @@ __global__ void __launch_bounds__(kThreads) sinq_gemv_kernel(const Params p) {
     }
   }
 
-  // store: acc[t][mt][2h + e] is column col0 + 16t + g + 8h, token 8mt + 2j + e
+  // acc[t][mt][2h + e] is column col0 + 16t + 8h + g, token m0 + 8mt + 2j + e; value index
+  // v = (t * MT + mt) * 4 + 2h + e is the same in every split, so the last CTA re-reads
+  // exactly the values each of its threads owns.
+  auto column_ok = [&](int t, int h) { return local0 + 16 * t + 8 * h + g < valid; };
+  auto token_ok = [&](int mt, int e) { return m0 + 8 * mt + 2 * j + e < p.m; };
+  auto store = [&](int t, int h, int mt, int e, float v) {
+    const int col = out0 + local0 + 16 * t + 8 * h + g;
+    const int tok = m0 + 8 * mt + 2 * j + e;
+    if (p.bias != nullptr) v += A::to_float(static_cast<const T*>(p.bias)[col]);
+    static_cast<T*>(p.out)[static_cast<int64_t>(tok) * p.n + col] = A::from_float(v);
+  };
+
+  if (p.split_k == 1) {
 #pragma unroll
-  for (int t = 0; t < kTiles; ++t) {
+    for (int t = 0; t < kTiles; ++t)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int local = local0 + 16 * t + g + 8 * h;
-      if (local >= valid) continue;
-      const int col = out0 + local;
-      float b = 0.f;
-      if (p.split_k == 1 && p.bias != nullptr) b = A::to_float(static_cast<const T*>(p.bias)[col]);
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (column_ok(t, h) && token_ok(mt, e)) store(t, h, mt, e, acc[t][mt][2 * h + e]);
+    return;
+  }
+
+  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+  float* tile_ws = p.workspace + static_cast<int64_t>(tile) * p.split_k * (VALS * kThreads);
+  float* mine = tile_ws + static_cast<int64_t>(split) * (VALS * kThreads) + threadIdx.x;
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (column_ok(t, h) && token_ok(mt, e)) mine[((t * MT + mt) * 4 + 2 * h + e) * kThreads] = acc[t][mt][2 * h + e];
+  __threadfence();  // this thread's partials are visible device-wide before the arrival
+  __syncthreads();
+  if (threadIdx.x == 0) last_split = atomicAdd(p.counters + tile, 1) == p.split_k - 1;
+  __syncthreads();
+  if (!last_split) return;
+  __threadfence();
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int tok = 8 * mt + 2 * j + e;
-          if (tok >= p.m) continue;
-          const float v = acc[t][mt][2 * h + e];
-          if (p.split_k == 1) {
-            static_cast<T*>(p.out)[static_cast<int64_t>(tok) * p.n + col] = A::from_float(v + b);
-          } else {
-            p.partials[(static_cast<int64_t>(split) * p.m + tok) * p.n + col] = v;
-          }
+          if (!(column_ok(t, h) && token_ok(mt, e))) continue;
+          const float* src = tile_ws + static_cast<int64_t>((t * MT + mt) * 4 + 2 * h + e) * kThreads + threadIdx.x;
+          float v = 0.f;
+          for (int s = 0; s < p.split_k; ++s) v += __ldcg(src + static_cast<int64_t>(s) * (VALS * kThreads));
+          store(t, h, mt, e, v);
         }
-      }
-    }
-  }
+  if (threadIdx.x == 0) p.counters[tile] = 0;  // zero again for the next launch
 #else
   __trap();  // built for an architecture without bf16 mma.sync (needs sm_80+)
 #endif
 }
 
-template <typename T>
-__global__ void splitk_reduce_kernel(const float* __restrict__ partials, const T* __restrict__ bias,
-                                     T* __restrict__ out, int m, int n, int split_k) {
-  const int64_t total = static_cast<int64_t>(m) * n;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= total) return;
-  float acc = 0.f;
-  for (int s = 0; s < split_k; ++s) acc += partials[s * total + idx];  // fixed order: deterministic
-  if (bias != nullptr) acc += Act<T>::to_float(bias[idx % n]);
-  out[idx] = Act<T>::from_float(acc);
+int token_tiles(int m) { return m > 8 ? 2 : 1; }
+
+int token_blocks(int m) { return m > 8 ? (m + kGemvTokenBlock - 1) / kGemvTokenBlock : 1; }
+
+// Calls f(kernel pointer) with the instantiation these arguments select.
+template <typename F>
+auto with_kernel(const GemvArgs& a, F&& f) {
+  const bool two = token_tiles(a.m) == 2;
+  const bool lut = a.codebook != nullptr;
+  auto pick = [&](auto tag) {
+    using TT = decltype(tag);
+    if (a.bits == 8) return two ? f(&sinq_gemv_kernel<TT, 8, 2, false>) : f(&sinq_gemv_kernel<TT, 8, 1, false>);
+    if (lut) return two ? f(&sinq_gemv_kernel<TT, 4, 2, true>) : f(&sinq_gemv_kernel<TT, 4, 1, true>);
+    return two ? f(&sinq_gemv_kernel<TT, 4, 2, false>) : f(&sinq_gemv_kernel<TT, 4, 1, false>);
+  };
+  if (a.act == ActType::kFloat16) return pick(__half{});
+  return pick(__nv_bfloat16{});
 }
 
-template <typename T, int BITS, int MT>
-cudaError_t launch_typed(const GemvArgs& a, cudaStream_t stream) {
+Params make_params(const GemvArgs& a) {
   Params p;
   p.x = a.x;
-  p.qweight = a.qweight;
-  p.scales_zeros = a.scales_zeros;
+  p.qweight = reinterpret_cast<const uint4*>(a.qweight);
+  p.scales_zeros = reinterpret_cast<const uint4*>(a.scales_zeros);
   p.col_scales = a.col_scales;
   p.blk = a.blk;
+  p.codebook = a.codebook;
   p.bias = a.bias;
   p.out = a.out;
-  p.partials = a.partials;
+  p.workspace = a.workspace;
+  p.counters = a.counters;
   p.x_row_stride = a.x_row_stride;
   p.m = a.m;
   p.n = a.n;
@@ -437,30 +431,15 @@ cudaError_t launch_typed(const GemvArgs& a, cudaStream_t stream) {
   p.align = a.align;
   p.split_k = a.split_k;
   p.k_per_split = a.k_per_split;
-  const dim3 grid((a.n_pad + kGemvCtaColumns - 1) / kGemvCtaColumns, a.split_k);
-  sinq_gemv_kernel<T, BITS, MT><<<grid, kThreads, 0, stream>>>(p);
-  if (a.split_k > 1) {
-    const int64_t total = static_cast<int64_t>(a.m) * a.n;
-    const int threads = 256;
-    const unsigned blocks = static_cast<unsigned>((total + threads - 1) / threads);
-    splitk_reduce_kernel<T><<<blocks, threads, 0, stream>>>(a.partials, static_cast<const T*>(a.bias),
-                                                            static_cast<T*>(a.out), a.m, a.n, a.split_k);
-  }
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_act(const GemvArgs& a, cudaStream_t stream) {
-  const bool two = a.m > 8;
-  if (a.bits == 4) return two ? launch_typed<T, 4, 2>(a, stream) : launch_typed<T, 4, 1>(a, stream);
-  return two ? launch_typed<T, 8, 2>(a, stream) : launch_typed<T, 8, 1>(a, stream);
+  return p;
 }
 
 }  // namespace
 
 const char* gemv_unsupported_reason(const GemvArgs& a) {
   if (a.bits != 4 && a.bits != 8) return "container bits must be 4 or 8";
-  if (a.m < 0 || a.m > kGemvMaxM) return "M must be at most 16";
+  if (a.codebook != nullptr && a.bits != 4) return "codebooks need 4-bit codes";
+  if (a.m < 0 || a.m > kGemvMaxM) return "M must be at most 64";
   const int ck = a.bits == 4 ? 32 : 16;
   if (a.group_size <= 0 || a.group_size % ck != 0) {
     return a.bits == 4 ? "group size must be a multiple of 32 (4-bit container)"
@@ -472,20 +451,47 @@ const char* gemv_unsupported_reason(const GemvArgs& a) {
   if (a.x_row_stride % 8 != 0) return "activation rows must be 16-byte aligned";
   if ((reinterpret_cast<uintptr_t>(a.x) & 15) != 0) return "activations must be 16-byte aligned";
   if ((reinterpret_cast<uintptr_t>(a.col_scales) & 15) != 0) return "column scales must be 16-byte aligned";
+  if ((reinterpret_cast<uintptr_t>(a.qweight) & 15) != 0 || (reinterpret_cast<uintptr_t>(a.scales_zeros) & 15) != 0)
+    return "weights must be 16-byte aligned";
   return nullptr;
 }
 
-void plan_split_k(GemvArgs& a, int requested, int num_sms) {
+int gemv_tiles(const GemvArgs& a) { return (a.n_pad / kGemvCtaColumns) * token_blocks(a.m); }
+
+int64_t gemv_workspace_floats(const GemvArgs& a) {
+  if (a.split_k <= 1) return 0;
+  return static_cast<int64_t>(gemv_tiles(a)) * a.split_k * kThreads * kTiles * token_tiles(a.m) * 4;
+}
+
+int gemv_ctas_per_sm(const GemvArgs& a) {
+  constexpr int kVariants = 12, kDevices = 64;
+  static int cache[kVariants][kDevices] = {};  // 0: not asked yet (benign race: same value)
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) device = 0;
+  const int variant = (a.act == ActType::kFloat16 ? 0 : 6) + (a.bits == 8 ? 4 : a.codebook ? 2 : 0) +
+                      (token_tiles(a.m) == 2 ? 1 : 0);
+  int& slot = cache[variant][device];
+  if (slot == 0) {
+    int blocks = 0;
+    const cudaError_t err = with_kernel(a, [&](auto kernel) {
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0);
+    });
+    slot = err == cudaSuccess && blocks > 0 ? blocks : 1;
+  }
+  return slot;
+}
+
+void plan_split_k(GemvArgs& a, int requested, int num_sms, int ctas_per_sm) {
   const int groups = std::max(1, a.k / std::max(1, a.group_size));
   int split = requested;
   if (split <= 0) {
-    const int ctas = std::max(1, (a.n_pad + kGemvCtaColumns - 1) / kGemvCtaColumns);
-    // enough CTAs for ~4 per SM, slices of >= 256 K, partial-sum traffic (8 bytes per
-    // output per split, mostly L2-resident) <= 1/4 of the weight bytes
-    const int want = (4 * std::max(1, num_sms) + ctas - 1) / ctas;
+    const int base = std::max(1, gemv_tiles(a));
+    // one wave of resident CTAs on every SM; slices of >= 256 K; fp32 partials (8 bytes per
+    // output per split, written and read once, mostly in L2) <= the packed weight bytes
+    const int want = (std::max(1, ctas_per_sm) * std::max(1, num_sms) + base - 1) / base;
     const int by_len = std::max(1, a.k / 256);
-    const int by_traffic = std::max(1, (a.k * a.bits) / (256 * std::max(1, a.m)));
-    split = std::min({want, by_len, by_traffic, 32});
+    const int by_traffic = std::max(1, (a.k * a.bits) / (64 * std::max(1, a.m)));
+    split = std::min({want, by_len, by_traffic, 64});
   }
   split = std::max(1, std::min(split, groups));
   const int groups_per_split = (groups + split - 1) / split;
@@ -495,8 +501,13 @@ void plan_split_k(GemvArgs& a, int requested, int num_sms) {
 
 cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream) {
   if (a.m == 0 || a.n == 0) return cudaSuccess;
-  if (a.act == ActType::kFloat16) return launch_act<__half>(a, stream);
-  return launch_act<__nv_bfloat16>(a, stream);
+  const Params p = make_params(a);
+  const dim3 grid(token_blocks(a.m), a.n_pad / kGemvCtaColumns, a.split_k);
+  with_kernel(a, [&](auto kernel) {
+    kernel<<<grid, kThreads, 0, stream>>>(p);
+    return cudaSuccess;
+  });
+  return cudaGetLastError();
 }
 
 }  // namespace sinq_cuda

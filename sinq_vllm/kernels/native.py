@@ -6,6 +6,11 @@ exists, the extension is JIT-built once with ``torch.utils.cpp_extension.load`` 
 cached under ``$SINQ_VLLM_CACHE`` (default ``~/.cache/sinq_vllm``); ``SINQ_VLLM_<KIND>_JIT=0``
 disables that. Each extension is loaded at most once per process; why it is not
 available is kept for the error messages and logs of the backends.
+
+``SINQ_VLLM_REQUIRE_<KIND>=1`` (set by scripts/gpu_check.sh for CUDA) turns "not
+available" into an :class:`ExtensionUnavailable` error carrying the whole reason, the
+compiler output of a failed JIT build included, and makes the JIT build verbose: a check
+run on a GPU never skips or falls back silently (docs/design.md §4.2).
 """
 
 from __future__ import annotations
@@ -45,6 +50,17 @@ class NativeExtension:
     def jit_env(self) -> str:
         return f"SINQ_VLLM_{self.kind.upper()}_JIT"
 
+    @property
+    def require_env(self) -> str:
+        return f"SINQ_VLLM_REQUIRE_{self.kind.upper()}"
+
+    def required(self) -> bool:
+        return os.environ.get(self.require_env, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+class ExtensionUnavailable(RuntimeError):
+    """A required native extension (``SINQ_VLLM_REQUIRE_<KIND>=1``) could not be loaded or built."""
+
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
@@ -52,7 +68,17 @@ _errors: dict[str, str] = {}
 
 
 def load(ext: NativeExtension):
-    """The extension module, or None; the reason is in :func:`error`."""
+    """The extension module, or None; the reason is in :func:`error`. Raises
+    :class:`ExtensionUnavailable` instead of returning None when the extension is required."""
+    module = _load(ext)
+    if module is None and ext.required():
+        raise ExtensionUnavailable(
+            f"{ext.require_env}=1 but the {ext.kind.upper()} extension {ext.module} is not available:\n{error(ext)}"
+        )
+    return module
+
+
+def _load(ext: NativeExtension):
     with _lock:
         if ext.kind in _loaded or ext.kind in _errors:
             return _loaded.get(ext.kind)
@@ -126,5 +152,5 @@ def _jit_build(ext: NativeExtension):
         extra_cuda_cflags=flags.get("cuda_cflags", []),
         extra_include_paths=[str(ext.sources_dir)],
         build_directory=str(build_dir),
-        verbose=False,
+        verbose=ext.required(),  # a required build shows its compiler output even when it works
     )

@@ -2,14 +2,15 @@
 
 The kernels live in ``triton_kernels/sinq_gemm.py`` (installed as
 ``sinq_vllm.triton_kernels.sinq_gemm``): a split-K GEMV for decode, a group-factored
-tensor-core kernel for moderate M and a dequantizing tiled GEMM for large M, all with
-float zeros, the per-shard column scale and the bias fused (one launch per layer, plus a
-small fixed-order reduction when split-K is used). Resident layout: see
-``gpu_layout.py``.
+tensor-core kernel for moderate M and a dequantizing tiled GEMM above, all with float
+zeros, NF4/NF3 codebooks, the per-shard column scale and the bias fused, split-K in one
+launch. From ``SINQ_VLLM_PREFILL_MIN_M`` (default 256) rows on, each merged shard is
+dequantized into a scratch in the activation dtype and multiplied by torch.matmul (cuBLAS
+on a GPU; gpu_layout.prefill_linear). Resident layout: see ``gpu_layout.py``.
 
 The op is a ``torch.library.custom_op`` with a fake (meta) implementation, so
 ``torch.compile`` treats it as opaque and CUDA graphs capture its launches. On CPU
-tensors it runs the same kernels in Triton's interpreter (slow; tests and smoke runs).
+tensors it runs the same kernels in Triton's interpreter (slow; tests and dry runs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import torch
 
 from .contract import LayerSpec
-from .gpu_layout import GpuLayoutBackend, define_linear_op, layout_unsupported_reason
+from .gpu_layout import GpuLayoutBackend, define_linear_op, layout_unsupported_reason, prefill_linear, prefill_min_m
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -31,15 +32,23 @@ except ImportError as e:  # pragma: no cover - triton ships with torch on Linux
 
 
 def kernel_module(device_type: str = "cuda"):
-    """The Triton kernel module; on CPU its interpreted instance."""
+    """The Triton kernel module; on CPU its interpreted instance. ``sinq_vllm.triton_kernels``
+    exists once the checkout is installed (``pip install -e .`` maps ``triton_kernels/``)."""
     from sinq_vllm.triton_kernels import sinq_gemm  # noqa: PLC0415
 
     return sinq_gemm.load_interpreted() if device_type == "cpu" else sinq_gemm
 
 
-def _triton_linear(x, qweight, scales_zeros, col_scales, blk, bias, nbits, group_size, out_features):
+def _triton_linear(x, qweight, scales_zeros, col_scales, blk, counters, codebook, bias, nbits, group_size,
+                   out_features, shard_offsets):
     mod = kernel_module(x.device.type)
-    return mod.sinq_linear(x, qweight, scales_zeros, col_scales, blk, bias, nbits, group_size, out_features)
+    if x.shape[0] >= prefill_min_m():
+        def dequant(w, shard, col0):
+            mod.dequantize_shard(w, qweight, scales_zeros, col_scales, codebook, group_size, shard, col0)
+
+        return prefill_linear(x, qweight, col_scales, blk, bias, out_features, shard_offsets, dequant)
+    return mod.sinq_linear(x, qweight, scales_zeros, col_scales, blk, counters, codebook, bias, nbits, group_size,
+                           out_features)
 
 
 triton_linear = define_linear_op("triton_linear", _triton_linear)
