@@ -1,49 +1,48 @@
-"""GPU benchmark of the SINQ linear op per layer shape and batch size M.
+"""GPU benchmark of the SINQ linear op per layer shape and batch size M (docs/design.md §6).
 
-For Llama-3-8B and Qwen3-8B layer shapes (q/k/v merged, o, gate/up merged, down) and
-M in {1, 2, 4, 8, 16, 32, 64, 128, 256, 1024}, in one run on one GPU:
+Llama-3-8B layer shapes (q/k/v merged, o, gate/up merged, down), 4-bit, group 64, bf16
+activations, float zeros, per-shard column scales, M in {1, 2, 4, ..., 2048}, in one run on
+one GPU:
 
-* ``sinq-cuda``: ``torch.ops.sinq_vllm.cuda_linear`` (CUDA decode kernel for M <= 16,
-  Triton GEMM above), 4-bit, bf16 activations, float zeros, per-shard column scales;
-* ``sinq-triton``: ``torch.ops.sinq_vllm.triton_linear`` (Triton for every M), same weights;
+* ``sinq-cuda``: ``torch.ops.sinq_vllm.cuda_linear`` (CUDA decode kernel for M <= 64,
+  Triton GEMM below ``SINQ_VLLM_PREFILL_MIN_M``, dequantized scratch + cuBLAS above);
+* ``sinq-triton``: ``torch.ops.sinq_vllm.triton_linear`` (Triton, scratch + cuBLAS for prefill);
 * ``bf16``: ``torch.matmul`` with the dense bf16 weight (the baseline);
-* ``marlin``: vLLM's Marlin with float zero points (``is_zp_float``, HQQ style), fp16
-  activations only and no column scale, where vLLM's CUDA ops are installed. A comparison
-  point only: it is never used for serving (it cannot do bf16, nor SINQ's column scale).
+* ``int4pack``: torch's own int4 GEMM ``torch._weight_int4pack_mm`` (tinygemm layout, the
+  same codes, its ``(q - 8) * s + zero`` form carrying the float zeros; no column scale).
 
-Reported per row: time per call, effective GB/s (bytes each kernel must move: resident
-packed codes + scales/zeros + column scales + activations in + outputs out; bf16: the
-bf16 weight + activations), % of the GPU's peak HBM bandwidth (table by device name;
-"unknown" otherwise) and of the device-to-device copy bandwidth measured in the same run,
-and speedups vs bf16 and vs Marlin.
+Reported per row: µs per call, effective GB/s (bytes each kernel must move: resident packed
+codes + scales/zeros + column scales + activations in + outputs out; bf16: the bf16 weight +
+activations) as a % of the device-to-device copy bandwidth measured in the same run, the
+time ratios vs bf16 and vs int4pack, and the max error vs the float32 reference
+(tests/kernel_reference.py). A SINQ error above 1e-2 (bf16) fails the run (exit code 1)
+after the table is written; the issue's speed targets are summarised below the table.
 
-Timing: every variant is captured in a CUDA graph of back-to-back calls (launch overhead
-as in vLLM's decode), cycling through enough copies of the layer that the footprint is
->= 3x the L2 cache, so weights come from HBM as in real decode; median of several replays.
+Timing: every variant is captured in a CUDA graph of back-to-back calls (launch overhead as
+in vLLM's decode), cycling through enough copies of the layer that the footprint is >= 3x
+the L2 cache, so each call finds its weights evicted from L2 (an L2 flush without extra
+kernels in the timed region); median of several replays.
 
-    python benchmarks/bench_kernels.py [--models llama3-8b qwen3-8b] [--ms 1 16 128]
-        [--group 64] [--autotune] [--no-marlin] [--reps 50] [--out benchmarks/results]
+    python benchmarks/bench_kernels.py [--layers ...] [--ms 1 16 128] [--reps 30] [--out DIR]
+    python benchmarks/bench_kernels.py --dry-run [--out DIR]
 
-Writes ``kernels_<gpu>.md`` and ``kernels_<gpu>.png`` to the output folder. Triton runs
-its fixed default configs (as in serving) unless ``--autotune`` (slow: each config
-compiles); the table says which.
-
-Without a CUDA device the script exits with a message; ``--interpret-smoke`` instead runs
-one tiny shape through the Triton kernels in Triton's interpreter on CPU and goes through
-the same accounting and report code (numbers meaningless; it proves the plumbing).
+Writes ``kernels_<gpu>.md`` and ``kernels_<gpu>.json`` to the output folder (default
+benchmarks/results). ``--dry-run`` needs no GPU: tiny shapes through the same code (the Triton
+kernels in Triton's interpreter, wall-clock timing, the CUDA and int4pack rows reported as
+unavailable), so the script cannot rot; its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import re
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,188 +52,25 @@ common.setup_env()
 
 import torch  # noqa: E402
 
-MODELS = {
-    # name: hidden, intermediate, q heads, kv heads, head dim
-    "llama3-8b": (4096, 14336, 32, 8, 128),
-    "qwen3-8b": (4096, 12288, 32, 8, 128),
+oracle = common.load_test_helper("kernel_reference")  # make_weights, reference, rel_err
+
+#: name -> (merged shard sizes, in_features): Llama-3-8B, tensor parallel 1
+LLAMA3_8B = {
+    "qkv_proj": ((4096, 1024, 1024), 4096),
+    "o_proj": ((4096,), 4096),
+    "gate_up_proj": ((14336, 14336), 4096),
+    "down_proj": ((4096,), 14336),
 }
-DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
-
-# Peak HBM bandwidth (GB/s, vendor specs) by device name; first match wins.
-PEAK_GBPS = [
-    (r"H200", 4800.0),
-    (r"GH200", 4000.0),
-    (r"H100.*NVL", 3900.0),
-    (r"H100.*PCIe", 2000.0),
-    (r"H100", 3350.0),  # SXM5 80GB HBM3 ("NVIDIA H100 80GB HBM3")
-    (r"H800", 3350.0),
-    (r"A100.*80GB.*PCIe", 1935.0),
-    (r"A100-SXM4-80GB|A100 80GB", 2039.0),
-    (r"A100", 1555.0),
-    (r"L40S|L40\b", 864.0),
-    (r"RTX 4090", 1008.0),
-    (r"A10G|\bA10\b", 600.0),
-    (r"\bL4\b", 300.0),
-    (r"B200", 8000.0),
-]
+DRY_RUN_LAYERS = {"qkv_proj": ((48, 16, 16), 128), "down_proj": ((64,), 192)}
+DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+DRY_RUN_MS = (1, 5, 20)
+GROUP = 64
+TOL = 1e-2  # bf16, as the kernel tests
+VARIANTS = ("sinq-cuda", "sinq-triton", "bf16", "int4pack")
 
 
-def peak_bandwidth(name: str) -> float | None:
-    for pattern, gbps in PEAK_GBPS:
-        if re.search(pattern, name):
-            return gbps
-    return None
-
-
-def layer_shapes(model: str) -> list[tuple[str, int, tuple[int, ...]]]:
-    hidden, inter, heads, kv, hd = MODELS[model]
-    return [
-        ("qkv_proj", hidden, (heads * hd, kv * hd, kv * hd)),
-        ("o_proj", heads * hd, (hidden,)),
-        ("gate_up_proj", hidden, (inter, inter)),
-        ("down_proj", inter, (hidden,)),
-    ]
-
-
-# --------------------------------------------------------------------------------------
-# weights
-# --------------------------------------------------------------------------------------
-
-
-def random_sinq_weights(k: int, shards: tuple[int, ...], nbits: int, group: int, device, seed: int = 0):
-    from sinq_vllm.kernels.contract import SinqWeights
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    n = sum(shards)
-    offs = [0]
-    for s in shards:
-        offs.append(offs[-1] + s)
-    qmax = 2**nbits - 1
-    codes = torch.randint(0, qmax + 1, (n, k), generator=gen, dtype=torch.uint8)
-    scales = (torch.rand(n, k // group, generator=gen) * 0.01 + 0.002).half()
-    zeros = (torch.rand(n, k // group, generator=gen) * qmax).half()
-    col = (torch.rand(len(shards), k, generator=gen) * 1.5 + 0.25).half()
-    return SinqWeights(codes.to(device), scales.to(device), zeros.to(device), col.to(device), tuple(offs), nbits, group)
-
-
-def dequant_no_t(w) -> torch.Tensor:
-    """float32 ``(Q - z) * s`` [N, K] (no column scale)."""
-    n, k = w.codes.shape
-    g = w.group_size
-    return ((w.codes.float().view(n, k // g, g) - w.zeros.float()[..., None]) * w.scales.float()[..., None]).view(n, k)
-
-
-def reference(w, x, deq=None):
-    """float32 oracle (DESIGN.md §1); ``deq`` caches :func:`dequant_no_t`."""
-    deq = dequant_no_t(w) if deq is None else deq
-    outs = []
-    o = w.shard_offsets
-    for s in range(len(o) - 1):
-        outs.append((x.float() * w.col_scales[s].float()) @ deq[o[s] : o[s + 1]].T)
-    return torch.cat(outs, dim=1)
-
-
-def resident_bytes(tensors: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-class Marlin:
-    """vLLM's Marlin float-zero-point GEMM (HQQ style: (q - z) * s, fp16 only), or why not."""
-
-    def __init__(self):
-        self.error = None
-        try:
-            from vllm import _custom_ops as ops  # noqa: PLC0415
-            from vllm.model_executor.layers.quantization.utils import marlin_utils as mu  # noqa: PLC0415
-            from vllm.scalar_type import scalar_types  # noqa: PLC0415
-
-            if not hasattr(torch.ops._C, "marlin_gemm"):
-                raise RuntimeError("this vLLM build has no torch.ops._C.marlin_gemm (CPU wheel?)")
-            self.ops, self.mu, self.qtype = ops, mu, scalar_types.uint4
-        except Exception as e:  # noqa: BLE001
-            self.error = f"{type(e).__name__}: {e}"
-
-    def prepare(self, w) -> dict:
-        """codes/scales/zeros -> Marlin tensors (column scale t is NOT applied: timing only)."""
-        n, k = w.codes.shape
-        c = w.codes.t().contiguous().to(torch.int32).view(k // 8, 8, n)
-        packed = torch.zeros(k // 8, n, dtype=torch.int32, device=w.codes.device)
-        for i in range(8):
-            packed |= c[:, i, :] << (4 * i)
-        q = self.ops.gptq_marlin_repack(packed, k, n, 4)
-        s = self.mu.marlin_permute_scales(w.scales.t().contiguous(), k, n, w.group_size)
-        z = self.mu.marlin_permute_scales(w.zeros.t().contiguous(), k, n, w.group_size)
-        ws = self.mu.marlin_make_workspace_new(w.codes.device, 4)
-        return {"q": q, "s": s, "z": z, "ws": ws, "n": n, "k": k}
-
-    def __call__(self, t: dict, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.marlin_gemm(x, None, t["q"], None, t["s"], None, None, t["z"], t["ws"], self.qtype,
-                                    x.shape[0], t["n"], t["k"], False, True, True)
-
-    @staticmethod
-    def nbytes(t: dict) -> int:
-        return sum(v.numel() * v.element_size() for key, v in t.items() if key in ("q", "s", "z"))
-
-
-# --------------------------------------------------------------------------------------
-# timing
-# --------------------------------------------------------------------------------------
-
-
-def l2_bytes() -> int:
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
-
-
-def copies_for(nbytes: int) -> int:
-    return max(2, math.ceil(3 * l2_bytes() / max(1, nbytes)))
-
-
-def time_graph(calls: list, reps: int, replays: int = 5) -> float:
-    """Seconds per call: ``calls`` (one closure per weight copy) cycled ``reps`` times in a
-    CUDA graph, median over ``replays`` replays."""
-    for f in calls:  # warm-up (compilation, autotuning) outside the graph
-        f()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for f in calls:
-            f()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for r in range(reps):
-            calls[r % len(calls)]()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    del graph
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbps() -> float:
-    """Device-to-device copy of 1 GiB (read + write bytes per second)."""
-    n = 2**30 // 4
-    a = torch.empty(n, dtype=torch.float32, device="cuda")
-    b = torch.empty_like(a)
-    t = time_graph([lambda: b.copy_(a)], reps=10, replays=5)
-    return 2 * a.numel() * 4 / t / 1e9
-
-
-# --------------------------------------------------------------------------------------
-# runs
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
+@dataclasses.dataclass
 class Row:
-    model: str
     layer: str
     n: int
     k: int
@@ -250,69 +86,147 @@ class Row:
         return None if not self.seconds else self.nbytes / self.seconds / 1e9
 
 
-def run_shape(model, layer, k, shards, ms, args, marlin, device) -> list[Row]:
-    from sinq_vllm.kernels import cuda_backend, triton_backend  # noqa: F401,PLC0415 (register the ops)
-    from sinq_vllm.kernels.gpu_layout import repack  # noqa: PLC0415
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values() if torch.is_tensor(t))
 
-    n = sum(shards)
-    w = random_sinq_weights(k, shards, 4, args.group, device)
-    layout = repack(w)
-    res_bytes = resident_bytes(layout)
-    sinq_copies = [layout] + [{kk: v.clone() for kk, v in layout.items()} for _ in range(copies_for(res_bytes) - 1)]
-    deq = dequant_no_t(w)
+
+# --------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------
+
+
+class GraphTimer:
+    """Seconds per call of closures cycled ``reps`` times in one CUDA graph (median of replays)."""
+
+    def __init__(self, reps: int, replays: int = 5):
+        self.reps, self.replays = reps, replays
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        self.l2 = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+
+    def copies_for(self, footprint: int) -> int:
+        return max(2, math.ceil(3 * self.l2 / max(1, footprint)))
+
+    def __call__(self, calls: list) -> float:
+        for f in calls:  # warm-up (compilation, Triton JIT) outside the graph
+            f()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for r in range(self.reps):
+                calls[r % len(calls)]()
+        graph.replay()  # first replay uploads the graph
+        times = []
+        for _ in range(self.replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / self.reps)
+        del graph
+        return statistics.median(times)
+
+
+class WallTimer:
+    """--dry-run: wall-clock seconds of one call (interpreter; meaningless as a speed)."""
+
+    l2 = 0
+
+    def copies_for(self, footprint: int) -> int:
+        return 1
+
+    def __call__(self, calls: list) -> float:
+        t0 = time.perf_counter()
+        calls[0]()
+        return time.perf_counter() - t0
+
+
+def copy_bandwidth_gbps(timer: GraphTimer) -> float:
+    """Device-to-device copy of 1 GiB (bytes read + written per second)."""
+    a = torch.empty(2**30 // 4, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    seconds = timer([lambda: b.copy_(a)])
+    return 2 * a.numel() * 4 / seconds / 1e9
+
+
+# --------------------------------------------------------------------------------------
+# torch's int4 GEMM on the same codes
+# --------------------------------------------------------------------------------------
+
+
+def int4pack_prepare(w) -> dict:
+    """tinygemm layout of the codes: uint8 [N, K/2] (even k in the high nibble) -> int4pack;
+    scales_and_zeros [K/g, N, 2] with (q - 8) * s + zero == (q - z) * s (no column scale)."""
+    codes = w.codes.to(torch.int32)
+    packed = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+    s = w.scales.float()
+    sz = torch.stack([s, (8 - w.zeros.float()) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return {"w": torch._convert_weight_to_int4pack(packed, 8), "sz": sz, "group": w.group_size}
+
+
+def int4pack_mm(t: dict, x: torch.Tensor) -> torch.Tensor:
+    return torch._weight_int4pack_mm(x, t["w"], t["group"], t["sz"])
+
+
+# --------------------------------------------------------------------------------------
+# one layer
+# --------------------------------------------------------------------------------------
+
+
+def run_layer(layer, shards, k, ms, device, timer, int4pack: bool) -> list[Row]:
+    from sinq_vllm.kernels import cuda_backend, gpu_layout, triton_backend  # noqa: PLC0415 (registers the ops)
+    from sinq_vllm.kernels.contract import spec_of  # noqa: PLC0415
+
+    w = oracle.make_weights(shards, k, 4, GROUP, seed=len(layer))
+    for field in ("codes", "scales", "zeros", "col_scales"):
+        setattr(w, field, getattr(w, field).to(device))
+    spec = spec_of(w)
+    n = spec.out_features
+    layout = gpu_layout.repack(w)
+    sinq_copies = [layout] + [{key: v.clone() for key, v in layout.items()}
+                              for _ in range(timer.copies_for(nbytes(layout)) - 1)]
     dense = w.dequantize().to(torch.bfloat16)
-    dense_copies = [dense] + [dense.clone() for _ in range(copies_for(dense.numel() * 2) - 1)]
-    mar = None
-    if marlin is not None and marlin.error is None:
+    dense_copies = [dense] + [dense.clone() for _ in range(timer.copies_for(dense.numel() * 2) - 1)]
+    no_t = dataclasses.replace(w, col_scales=torch.ones_like(w.col_scales))  # int4pack's reference: t = 1
+    packs, pack_note = None, ""
+    if not int4pack:
+        pack_note = "unavailable: needs a CUDA device"
+    else:
         try:
-            mt = marlin.prepare(w)
-            mar = [mt] + [{kk: (v.clone() if torch.is_tensor(v) else v) for kk, v in mt.items()}
-                          for _ in range(copies_for(Marlin.nbytes(mt)) - 1)]
-        except Exception as e:  # noqa: BLE001
-            marlin.error = f"{type(e).__name__}: {e}"
+            packs = [int4pack_prepare(w)]
+            packs += [{key: (v.clone() if torch.is_tensor(v) else v) for key, v in packs[0].items()}
+                      for _ in range(timer.copies_for(nbytes(packs[0])) - 1)]
+        except Exception as e:  # noqa: BLE001 - a comparison point only: report, do not fail
+            pack_note = f"unavailable: {type(e).__name__}: {e}"
+    cuda_error = None if device.type == "cuda" and cuda_backend.load_extension() is not None else (
+        cuda_backend.extension_error() if device.type == "cuda" else "needs a CUDA device")
     rows = []
     for m in ms:
         x = torch.randn(m, k, device=device).to(torch.bfloat16)
-        xh = x.half()
         io = m * k * 2 + m * n * 2
-        ref = reference(w, x, deq)
-
-        def sinq_op(op, t, xx=x):
-            return lambda: op(xx, t["qweight"], t["scales_zeros"], t["col_scales"], t["blk"], None, 4, args.group, n)
-
-        for variant, op in (("sinq-cuda", torch.ops.sinq_vllm.cuda_linear),
-                            ("sinq-triton", torch.ops.sinq_vllm.triton_linear)):
-            if variant == "sinq-cuda" and cuda_backend.load_extension() is None:
-                rows.append(Row(model, layer, n, k, m, variant, None, res_bytes + io,
-                                note=f"unavailable: {cuda_backend.extension_error()}"))
+        ref = oracle.reference(w, x)
+        for variant, op in (("sinq-cuda", "cuda_linear"), ("sinq-triton", "triton_linear")):
+            if variant == "sinq-cuda" and cuda_error:
+                rows.append(Row(layer, n, k, m, variant, None, nbytes(layout) + io, note=f"unavailable: {cuda_error}"))
                 continue
-            try:
-                y = sinq_op(op, layout)()
-                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                sec = time_graph([sinq_op(op, t) for t in sinq_copies], args.reps)
-                rows.append(Row(model, layer, n, k, m, variant, sec, res_bytes + io, err))
-            except Exception as e:  # noqa: BLE001
-                rows.append(Row(model, layer, n, k, m, variant, None, res_bytes + io, note=f"{type(e).__name__}: {e}"))
-        sec = time_graph([(lambda d=d: torch.matmul(x, d.t())) for d in dense_copies], args.reps)
-        rows.append(Row(model, layer, n, k, m, "bf16", sec, n * k * 2 + io))
-        if mar is not None:
-            try:
-                # Marlin has no column scale: compare with the reference of t = 1
-                y = marlin(mar[0], xh)
-                ref1 = xh.float() @ deq.T
-                err = ((y.float() - ref1).abs().max() / ref1.abs().max()).item()
-                sec = time_graph([(lambda t=t: marlin(t, xh)) for t in mar], args.reps)
-                rows.append(Row(model, layer, n, k, m, "marlin", sec, Marlin.nbytes(mar[0]) + io, err,
-                                note="fp16, no column scale"))
-            except Exception as e:  # noqa: BLE001
-                rows.append(Row(model, layer, n, k, m, "marlin", None, 0, note=f"{type(e).__name__}: {e}"))
-        common.log(f"  {model} {layer} M={m}: " + ", ".join(
-            f"{r.variant} {r.seconds * 1e6:.1f}us" if r.seconds else f"{r.variant} n/a" for r in rows[-4:] if r.m == m))
-    del sinq_copies, dense_copies, mar, deq, dense
-    torch.cuda.empty_cache()
+            fn = getattr(torch.ops.sinq_vllm, op)
+            calls = [(lambda t=t: fn(*gpu_layout.op_args(t, spec, x, None))) for t in sinq_copies]
+            err = oracle.rel_err(calls[0](), ref)
+            rows.append(Row(layer, n, k, m, variant, timer(calls), nbytes(layout) + io, err))
+        rows.append(Row(layer, n, k, m, "bf16", timer([(lambda d=d: torch.matmul(x, d.t())) for d in dense_copies]),
+                        n * k * 2 + io))
+        if packs is None:
+            rows.append(Row(layer, n, k, m, "int4pack", None, 0, note=pack_note))
+        else:
+            err = oracle.rel_err(int4pack_mm(packs[0], x), oracle.reference(no_t, x))
+            rows.append(Row(layer, n, k, m, "int4pack", timer([(lambda t=t: int4pack_mm(t, x)) for t in packs]),
+                            nbytes(packs[0]) + io, err, note="no column scale"))
+        common.log(f"  {layer} M={m}: " + ", ".join(
+            f"{r.variant} {r.seconds * 1e6:.1f}us" if r.seconds else f"{r.variant} n/a" for r in rows[-4:]))
+    del sinq_copies, dense_copies, packs, dense
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
-
-
 
 
 # --------------------------------------------------------------------------------------
@@ -320,53 +234,88 @@ def run_shape(model, layer, k, shards, ms, args, marlin, device) -> list[Row]:
 # --------------------------------------------------------------------------------------
 
 
-def report(rows: list[Row], device_name: str, peak: float | None, copy_gbps: float | None, args, out: Path,
-           header_note: str = "") -> tuple[Path, Path | None]:
-    by_key = {(r.model, r.layer, r.m, r.variant): r for r in rows}
-    headers = ["model", "layer", "N x K", "M", "sinq-cuda us", "GB/s", "% peak", "% copy", "sinq-triton us",
-               "GB/s", "bf16 us", "marlin us", "cuda vs bf16", "triton vs bf16", "cuda vs marlin", "max rel err"]
-    table = []
-    seen = []
+def sinq_errors(rows: list[Row]) -> list[str]:
+    return [f"{r.variant} {r.layer} M={r.m}: rel err {r.err:.2e} > {TOL}" for r in rows
+            if r.variant.startswith("sinq") and r.err is not None and not r.err < TOL]
+
+
+def targets(rows: list[Row]) -> list[str]:
+    """The issue's goals for the CUDA backend, each as met / missed (docs/design.md §6)."""
+    by = {(r.layer, r.m, r.variant): r for r in rows}
+    layers = sorted({r.layer for r in rows})
+    ms = sorted({r.m for r in rows})
+    out = []
+
+    def pct(r):
+        return 100 * r.gbps / COPY_GBPS if r and r.gbps and COPY_GBPS else None
+
+    for m, goal in ((1, 75), (16, 60)):
+        for layer in ("gate_up_proj", "down_proj"):
+            p = pct(by.get((layer, m, "sinq-cuda")))
+            if p is not None:
+                out.append(f"M={m} {layer}: {p:.0f}% of copy bandwidth (goal >= {goal}%): {'met' if p >= goal else 'MISSED'}")
+    slower = [(layer, m) for layer in layers for m in ms if m <= 64
+              if (c := by.get((layer, m, "sinq-cuda"))) and (t := by.get((layer, m, "int4pack")))
+              and c.seconds and t.seconds and c.seconds >= t.seconds]
+    if any(by.get((layer, m, "int4pack")) and by[(layer, m, "int4pack")].seconds for layer in layers for m in ms):
+        out.append("faster than _weight_int4pack_mm at every M <= 64: "
+                   + ("met" if not slower else f"MISSED at {', '.join(f'{a} M={b}' for a, b in slower)}"))
+    ratios = [(layer, m, by[(layer, m, "bf16")].seconds / c.seconds) for layer in layers for m in ms if m >= 256
+              if (c := by.get((layer, m, "sinq-cuda"))) and c.seconds and by.get((layer, m, "bf16"))]
+    if ratios:
+        worst = min(ratios, key=lambda r: r[2])
+        out.append(f"M >= 256: >= 0.9x bf16 torch.matmul: {'met' if worst[2] >= 0.9 else 'MISSED'} "
+                   f"(worst {worst[0]} M={worst[1]}: {worst[2]:.2f}x)")
+    return out
+
+
+COPY_GBPS: float | None = None
+
+
+def report(rows: list[Row], device_name: str, args, out: Path, header_note: str = "") -> Path:
+    by = {(r.layer, r.m, r.variant): r for r in rows}
+    headers = ["layer", "N x K", "M", "cuda us", "cuda % copy", "triton us", "triton % copy", "bf16 us",
+               "int4pack us", "cuda vs bf16", "triton vs bf16", "cuda vs int4pack", "max rel err"]
+    table, seen = [], []
     for r in rows:
-        key = (r.model, r.layer, r.m)
+        key = (r.layer, r.m)
         if key in seen:
             continue
         seen.append(key)
-        c = by_key.get((*key, "sinq-cuda"))
-        t = by_key.get((*key, "sinq-triton"))
-        b = by_key.get((*key, "bf16"))
-        mz = by_key.get((*key, "marlin"))
+        c, t, b, p = (by.get((*key, v)) for v in VARIANTS)
 
         def us(x):
             return common.fmt(x.seconds * 1e6, 1) if x is not None and x.seconds else "n/a"
 
-        def ratio(a, bb):
-            return common.fmt(bb.seconds / a.seconds, 2) if a and bb and a.seconds and bb.seconds else "n/a"
+        def speedup(a, base):  # > 1: a is faster than base
+            return common.fmt(base.seconds / a.seconds, 2) if a and base and a.seconds and base.seconds else "n/a"
 
-        def pct(x, ref):
-            return common.fmt(100 * x.gbps / ref, 0) if x is not None and x.gbps and ref else "unknown" if not ref else "n/a"
+        def pct(x):
+            return common.fmt(100 * x.gbps / COPY_GBPS, 0) if x is not None and x.gbps and COPY_GBPS else "n/a"
 
         errs = [x.err for x in (c, t) if x is not None and x.err is not None]
-        table.append([r.model, r.layer, f"{r.n} x {r.k}", r.m, us(c), common.fmt(c.gbps if c else None, 0),
-                      pct(c, peak), pct(c, copy_gbps), us(t), common.fmt(t.gbps if t else None, 0), us(b), us(mz),
-                      ratio(c, b), ratio(t, b), ratio(c, mz), common.fmt(max(errs), 4) if errs else "n/a"])
+        table.append([r.layer, f"{r.n} x {r.k}", r.m, us(c), pct(c), us(t), pct(t), us(b), us(p), speedup(c, b),
+                      speedup(t, b), speedup(c, p), f"{max(errs):.1e}" if errs else "n/a"])
     notes = sorted({f"{r.variant}: {r.note}" for r in rows if r.note})
     lines = [
         f"# SINQ kernels on {device_name}",
         "",
-        f"{common.machine_info()}",
+        common.machine_info(),
         "",
-        f"Peak HBM bandwidth: {f'{peak:.0f} GB/s (vendor spec)' if peak else 'unknown for this device'}; "
-        f"device-to-device copy measured in this run: {common.fmt(copy_gbps, 0)} GB/s.",
-        f"4-bit, group {args.group}, bf16 activations (Marlin: fp16). Triton configs: "
-        f"{'autotuned (SINQ_VLLM_TRITON_AUTOTUNE=1)' if args.autotune else 'fixed defaults'}. "
-        f"CUDA-graph timing, weights cycled through >= 3x L2 ({l2_bytes() // 2**20 if torch.cuda.is_available() else 0} MiB).",
-        "GB/s counts resident packed codes + scales/zeros + column scales + x + y (bf16: weight + x + y). "
-        "Speedups are time ratios (> 1: faster than the other). max rel err: max |y - ref| / max |ref| "
-        "against a float32 reference.",
+        f"Device-to-device copy bandwidth measured in this run: {common.fmt(COPY_GBPS, 0)} GB/s. "
+        f"Llama-3-8B layers, 4-bit, group {GROUP}, bf16 activations, CUDA-graph timing with weights cycled "
+        f"through >= 3x L2 ({getattr(args, 'l2_mib', 0)} MiB). % copy: effective GB/s (packed codes + "
+        "scales/zeros + column scales + x + y; bf16: weight + x + y) over the copy bandwidth. Ratios are time "
+        "ratios (> 1: faster than the other). max rel err: max |y - ref| / max |ref| of the SINQ kernels against "
+        "a float32 reference (> 1e-2 fails the run).",
+        f"Command: `{common.command_line('bench_kernels.py')}`",
         header_note,
         "",
         common.md_table(headers, table),
+        "",
+        "Targets (issue 13):",
+        "",
+        *[f"* {line}" for line in targets(rows) or ["n/a (no CUDA rows)"]],
         "",
     ]
     if notes:
@@ -375,128 +324,59 @@ def report(rows: list[Row], device_name: str, peak: float | None, copy_gbps: flo
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_") or "device"
     md = out / f"kernels_{slug}.md"
     md.write_text("\n".join(lines))
-    common.log(f"wrote {md}")
-    png = plot(rows, device_name, peak, out / f"kernels_{slug}.png")
-    return md, png
-
-
-def plot(rows: list[Row], device_name: str, peak: float | None, path: Path) -> Path | None:
-    plt = common.pyplot()
-    if plt is None:
-        return None
-    shapes = []
-    for r in rows:
-        if (r.model, r.layer) not in shapes:
-            shapes.append((r.model, r.layer))
-    cols = 4
-    nrows = max(1, math.ceil(len(shapes) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
-    for ax, (model, layer) in zip(axes.flat, shapes):
-        for variant, style in (("sinq-cuda", "o-"), ("sinq-triton", "s--"), ("bf16", "k^-"), ("marlin", "d:")):
-            pts = [(r.m, r.gbps) for r in rows if (r.model, r.layer, r.variant) == (model, layer, variant) and r.gbps]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=variant, markersize=4)
-        if peak:
-            ax.axhline(peak, color="gray", lw=0.8, ls=":")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{model} {layer}", fontsize=9)
-        ax.set_xlabel("M (tokens)")
-        ax.set_ylabel("effective GB/s")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(shapes):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"SINQ 4-bit linear: effective bandwidth on {device_name}" + (f" (peak {peak:.0f} GB/s)" if peak else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    common.log(f"wrote {path}")
-    return path
-
-
-# --------------------------------------------------------------------------------------
-# interpreter smoke (no GPU)
-# --------------------------------------------------------------------------------------
-
-
-def interpret_smoke(args) -> int:
-    """One tiny merged layer through the Triton kernels in the interpreter, through the same
-    accounting and report code; numbers are wall-clock seconds of the interpreter."""
-    from sinq_vllm.kernels.gpu_layout import repack  # noqa: PLC0415
-    from sinq_vllm.triton_kernels import sinq_gemm  # noqa: PLC0415
-
-    kernels = sinq_gemm.load_interpreted()
-    shards, k, group = (48, 16, 16), 128, 32
-    args.group = group
-    w = random_sinq_weights(k, shards, 4, group, "cpu")
-    layout = repack(w, align=32)
-    n = sum(shards)
-    rows = []
-    for m in (1, 16):
-        x = torch.randn(m, k).to(torch.bfloat16)
-        ref = reference(w, x)
-        io = m * k * 2 + m * n * 2
-        t0 = time.perf_counter()
-        y = kernels.sinq_linear(x, layout["qweight"], layout["scales_zeros"], layout["col_scales"], layout["blk"],
-                                None, 4, group, n)
-        sec = time.perf_counter() - t0
-        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-        rows.append(Row("tiny", "qkv", n, k, m, "sinq-triton", sec, resident_bytes(layout) + io, err))
-        t0 = time.perf_counter()
-        torch.matmul(x, w.dequantize().to(torch.bfloat16).t())
-        rows.append(Row("tiny", "qkv", n, k, m, "bf16", time.perf_counter() - t0, n * k * 2 + io))
-        common.log(f"  interpreter: M={m} rel err {err:.2e}")
-        if err > 1e-2:
-            common.log("interpret smoke: kernel disagrees with the reference")
-            return 1
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sinq_bench_smoke_"))
-    report(rows, "triton-interpreter", None, None, args, out,
-           header_note="**Interpreter smoke run: plumbing check only, the numbers mean nothing.**")
-    return 0
+    (out / f"kernels_{slug}.json").write_text(json.dumps(
+        {"device": device_name, "copy_gbps": COPY_GBPS, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    print("\n".join(lines))
+    common.log(f"wrote {common.rel(md)}")
+    return md
 
 
 # --------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
+    global COPY_GBPS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--layers", nargs="+", default=None, help="subset of qkv_proj o_proj gate_up_proj down_proj")
-    ap.add_argument("--ms", nargs="+", type=int, default=list(DEFAULT_MS))
-    ap.add_argument("--group", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=50, help="calls per CUDA graph")
-    ap.add_argument("--autotune", action="store_true", help="let Triton autotune (slow: every config compiles)")
-    ap.add_argument("--no-marlin", action="store_true")
+    ap.add_argument("--layers", nargs="+", default=list(LLAMA3_8B), choices=list(LLAMA3_8B))
+    ap.add_argument("--ms", nargs="+", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=30, help="calls per CUDA graph")
+    ap.add_argument("--no-int4pack", action="store_true")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
-    ap.add_argument("--interpret-smoke", action="store_true",
-                    help="no GPU: one tiny shape through the Triton kernels in the interpreter")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU: tiny shapes through the same code, Triton in its interpreter")
     args = ap.parse_args(argv)
-
-    if args.interpret_smoke:
-        return interpret_smoke(args)
-    if not torch.cuda.is_available():
-        print("bench_kernels.py: no CUDA device here; this benchmark needs an NVIDIA GPU "
-              "(use --interpret-smoke to check the script's plumbing on CPU)", file=sys.stderr)
-        return 2
-    os.environ["SINQ_VLLM_TRITON_AUTOTUNE"] = "1" if args.autotune else "0"
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
-    peak = peak_bandwidth(name)
-    common.log(f"{name}: peak {peak or 'unknown'} GB/s, L2 {l2_bytes() // 2**20} MiB")
-    copy_gbps = copy_bandwidth_gbps()
-    common.log(f"device-to-device copy: {copy_gbps:.0f} GB/s")
-    marlin = None if args.no_marlin else Marlin()
-    if marlin is not None and marlin.error:
-        common.log(f"marlin unavailable: {marlin.error}")
+    out = Path(args.out) if args.out else common.RESULTS
+    t0 = time.perf_counter()
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # the triton op then runs its interpreted kernels on CPU tensors
+        os.environ["SINQ_VLLM_PREFILL_MIN_M"] = "16"  # exercise the prefill path on tiny shapes
+        device, name, timer = torch.device("cpu"), "dry-run", WallTimer()
+        layers, ms = DRY_RUN_LAYERS, tuple(args.ms or DRY_RUN_MS)
+        note = "**Dry run (no GPU): plumbing check only, the numbers mean nothing.**"
+        COPY_GBPS = None
+    else:
+        if not torch.cuda.is_available():
+            print("bench_kernels.py: no CUDA device here; this benchmark needs an NVIDIA GPU "
+                  "(--dry-run checks the script on CPU)", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+        name = torch.cuda.get_device_name(device)
+        timer = GraphTimer(args.reps)
+        args.l2_mib = timer.l2 // 2**20
+        layers = {k: v for k, v in LLAMA3_8B.items() if k in args.layers}
+        ms = tuple(args.ms or DEFAULT_MS)
+        COPY_GBPS = copy_bandwidth_gbps(timer)
+        common.log(f"{name}: L2 {args.l2_mib} MiB, device-to-device copy {COPY_GBPS:.0f} GB/s")
+        note = ""
     rows: list[Row] = []
-    for model in args.models:
-        for layer, k, shards in layer_shapes(model):
-            if args.layers and layer not in args.layers:
-                continue
-            rows += run_shape(model, layer, k, shards, args.ms, args, marlin, device)
-    note = f"Marlin: {marlin.error}" if marlin is not None and marlin.error else ""
-    report(rows, name, peak, copy_gbps, args, Path(args.out) if args.out else common.RESULTS, header_note=note)
-    return 0
+    for layer, (shards, k) in layers.items():
+        rows += run_layer(layer, shards, k, ms, device, timer, int4pack=device.type == "cuda" and not args.no_int4pack)
+    report(rows, name, args, out, header_note=note)
+    bad = sinq_errors(rows)
+    for line in bad:
+        print(f"ERROR {line}", file=sys.stderr)
+    common.log(f"bench_kernels.py finished in {(time.perf_counter() - t0) / 60:.1f} min")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

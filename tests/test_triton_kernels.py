@@ -10,7 +10,7 @@ The kernels run in Triton's interpreter on CPU tensors: ``sinq_gemm.load_interpr
 executes the kernel module once more with ``TRITON_INTERPRET=1`` set for that import only
 (``triton.jit`` picks interpreted vs compiled at decoration time), so this file neither
 needs the variable set for the whole pytest process nor leaks it into vLLM's own kernels.
-With a CUDA GPU the same cases also run on the compiled kernels.
+The compiled kernels run on a GPU in tests/test_triton_gpu.py.
 
 Tolerances (max |y - ref| / max |ref|):
   * bfloat16: 1e-2 (x * t and, on the tensor-core paths, the dequantized weight are
@@ -36,17 +36,11 @@ from kernel_reference import make_weights, reference, rel_err  # noqa: E402
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 INTERP = sinq_gemm.load_interpreted()
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-
-def kernels_for(device: str):
-    return INTERP if device == "cpu" else sinq_gemm
-
-
-def run(w, x, bias, device="cpu", align=32, tensors=None, **kw):
+def run(w, x, bias, device="cpu", align=32, tensors=None, kernels=INTERP, **kw):
+    """The kernels' launcher on a fresh (or the given) layout; checks the counters are zero after it."""
     t = tensors or {k: v.to(device) for k, v in gpu_layout.repack(w, align).items()}
-    mod = kernels_for(device)
-    y = mod.sinq_linear(
+    y = kernels.sinq_linear(
         x.to(device), t["qweight"], t["scales_zeros"], t["col_scales"], t["blk"], t["counters"], t.get("codebook"),
         None if bias is None else bias.to(device), w.nbits, w.group_size, w.out_features, **kw,
     )
@@ -121,12 +115,11 @@ def test_nibble_order_is_mma_pair_order():
 LAYERS = {32: ((37, 19, 11), 96), 64: ((21, 27), 192), 128: ((45,), 256)}
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("nbits", [4, 8])
 @pytest.mark.parametrize("m", [1, 3, 16, 33])
-def test_every_path_matches_reference(m, nbits, group, dtype, device):
+def test_every_path_matches_reference(m, nbits, group, dtype):
     shards, k = LAYERS[group]
     w = make_weights(shards, k, nbits, group, seed=m + nbits + group)
     gen = torch.Generator().manual_seed(m)
@@ -134,7 +127,7 @@ def test_every_path_matches_reference(m, nbits, group, dtype, device):
     bias = torch.randn(w.out_features, generator=gen).to(dtype) if m % 2 else None
     ref = reference(w, x, bias)
     for path in sinq_gemm.PATHS:
-        y = run(w, x, bias, device, path=path)
+        y = run(w, x, bias, path=path)
         assert y.dtype == dtype and y.shape == (m, w.out_features)
         err = rel_err(y, ref)
         assert err < TOL[dtype], f"path {path}: rel err {err:.2e}"

@@ -26,23 +26,35 @@ pytest.importorskip("triton")
 
 TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
+from sinq_vllm.format.codebooks import CODEBOOKS  # noqa: E402
 
-@pytest.fixture(scope="module")
-def moe():
-    """The kernel module, imported with the interpreter on (the env is read when kernels are
-    decorated); restored afterwards so other tests see the process as it was."""
+
+def _import_kernels(interpret: bool):
+    """The kernel module, (re)imported with TRITON_INTERPRET as asked (the variable is read when
+    kernels are decorated) and the variable restored."""
     old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
     try:
         name = "sinq_vllm.triton_kernels.sinq_moe"
-        module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
-        assert type(module._sinq_moe_gemm_kernel).__name__ == "InterpretedFunction"
-        yield module
+        return importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.fixture(scope="module")
+def moe():
+    """The interpreted kernel module; the compiled one is put back afterwards, so other tests
+    see the process as it was."""
+    module = _import_kernels(interpret=True)
+    assert type(module._sinq_moe_gemm_kernel).__name__ == "InterpretedFunction"
+    yield module
+    _import_kernels(interpret=os.environ.get("TRITON_INTERPRET") == "1")
 
 
 # ---- independent reference ----------------------------------------------------------------
@@ -69,14 +81,17 @@ def make_experts(num_experts, n_shard, k, shards, nbits, group, gen):
     return codes, resident
 
 
-def dense_weight(codes, res, group) -> torch.Tensor:
-    """float64 W [E, N, K] from the formula."""
+def dense_weight(codes, res, group, codebook=None) -> torch.Tensor:
+    """float64 W [E, N, K] from the formula; with ``codebook`` the codes index its fp16 values."""
     e, n, k = codes.shape
     s = res["scales"].double().repeat_interleave(group, dim=2)
     z = res["zeros"].double().repeat_interleave(group, dim=2)
     shards = res["col_scales"].shape[1]
     t = res["col_scales"].double().repeat_interleave(n // shards, dim=1)
-    return (codes.double() - z) * s * t
+    values = codes.double()
+    if codebook is not None:
+        values = torch.tensor(CODEBOOKS[codebook], dtype=torch.float32).half().double()[codes.long()]
+    return (values - z) * s * t
 
 
 def reference_moe(x, topk_w, topk_ids, w13, w2, on_input=False):
@@ -136,6 +151,19 @@ def test_other_bit_widths_and_group_paths(moe, nbits, group, dtype):
     out = moe.sinq_fused_moe(x.to(dtype), topk_w, topk_ids, r13, r2, nbits13=nbits, nbits2=nbits,
                              group13=group, group2=group)
     ref = reference_moe(x.to(dtype), topk_w, topk_ids, dense_weight(c13, r13, group), dense_weight(c2, r2, group))
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("codebook,nbits,dtype", [("nf4", 4, torch.bfloat16), ("nf3", 3, torch.float16)])
+def test_codebook_experts(moe, codebook, nbits, dtype):
+    """NF4/NF3 experts: codes index the codebook, zeros in its units; NF3 packs 10 codes per word."""
+    x, topk_w, topk_ids, (c13, r13), (c2, r2) = _problem(6, 2, 4, 96, 64, nbits=nbits, group=32, seed=nbits)
+    for r in (r13, r2):
+        r["zeros"] = (torch.rand(r["zeros"].shape, generator=torch.Generator().manual_seed(1)) * 2 - 1).half()
+    out = moe.sinq_fused_moe(x.to(dtype), topk_w, topk_ids, r13, r2, nbits13=nbits, nbits2=nbits, group13=32,
+                             group2=32, codebook13=codebook, codebook2=codebook)
+    ref = reference_moe(x.to(dtype), topk_w, topk_ids, dense_weight(c13, r13, 32, codebook),
+                        dense_weight(c2, r2, 32, codebook))
     _check(out, ref, dtype)
 
 
@@ -203,3 +231,36 @@ def test_sinq_moe_method_triton_path(moe, monkeypatch, dtype):
     out = method.apply(layer, x.to(dtype), w, ids.to(torch.int32))
     ref = reference_moe_output(ckpt, x.to(dtype).float(), w, ids)
     _check(out, ref, dtype)
+
+
+def test_forced_backend_loop_has_a_sync_free_form_for_graph_capture(monkeypatch):
+    """With a forced SINQ_VLLM_BACKEND the experts run per expert through that backend. While a
+    CUDA graph is captured that loop may not read anything back (no .tolist(), no nonzero):
+    every local expert then runs on all tokens with routing weight 0 where not routed. Both
+    forms must agree (checked on CPU with the torch backend, capture simulated, every host
+    read-back made to fail)."""
+    import sinq_vllm.vllm.moe as mm
+    from moe_fakes import load_experts, make_checkpoint_experts
+
+    monkeypatch.setenv("SINQ_VLLM_BACKEND", "torch")
+    ckpt = make_checkpoint_experts(4, 128, 64, seed=3)
+    method, layer = load_experts(ckpt, 4, 128, 64)
+    assert method.kernel == "loop"
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 128, generator=gen)
+    w, ids = torch.softmax(torch.randn(7, 4, generator=gen), -1).topk(2, -1)
+    ids = ids.to(torch.int32)
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("host read-back during (simulated) graph capture")
+
+    for on_input in (False, True):
+        layer.apply_router_weight_on_input = on_input
+        eager = method.forward_loop(layer, x, w, ids)
+        with monkeypatch.context() as capture:
+            capture.setattr(mm, "_graph_capturing", lambda t: True)
+            for name in ("tolist", "nonzero", "item"):
+                capture.setattr(torch.Tensor, name, host_sync)
+            capture.setattr(torch, "unique", host_sync)
+            static = method.forward_loop(layer, x, w, ids)
+        torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-6)

@@ -1,9 +1,11 @@
 """Fused MoE for SINQ experts in Triton: a grouped GEMM over expert-sorted token blocks
 with the SINQ dequant fused (installed as ``sinq_vllm.triton_kernels.sinq_moe``).
 
-Per projection and expert ``e`` (DESIGN.md §1, one column-scale vector per merged shard):
+Per projection and expert ``e`` (docs/design.md §1, one column-scale vector per merged shard):
 
-    y[m, s*N_s + n] = sum_k (x[m, k] * t[e, s, k]) * (Q[e, s*N_s + n, k] - z[e, ., k // g]) * s[e, ., k // g]
+    y[m, s*N_s + n] = sum_k (x[m, k] * t[e, s, k]) * (V(Q[e, s*N_s + n, k]) - z[e, ., k // g]) * s[e, ., k // g]
+
+with ``V(q) = q``, or the NF4/NF3 table (an fp32 [16] tensor of the fp16 values).
 
 Resident layout (the torch backend's, stacked over local experts):
 * ``qweight`` int32 ``[E, N, ceil(K / P)]``: ``P = 32 // nbits`` codes of one output row per
@@ -16,7 +18,9 @@ pure torch, no host synchronisation, so CUDA graphs can capture it). A program o
 token block of one expert and one ``BLOCK_N`` tile of one merged shard, so the shard's
 column scale multiplies the activation tile once per K step (activation side, as the
 reference does) and the codes are dequantized tile by tile in registers:
-``w = (q - z) * s`` in fp32, cast to the activation dtype, ``tl.dot`` accumulating in fp32.
+``w = (V(q) - z) * s`` in fp32, cast to the activation dtype, ``tl.dot`` accumulating in fp32.
+Each packed word is loaded once per step (a ``[BLOCK_W, BLOCK_N]`` word tile expanded to its
+code fields), and the activations are gathered in the matching order of input columns.
 
 The MoE forward is the usual two GEMMs: ``x -> [T*topk, 2I]`` (gate | up), the gated
 activation in torch, ``[T*topk, I] -> [T*topk, H]`` with the router weight fused, then a
@@ -50,7 +54,7 @@ def _bf16_grid(x):
 
 @triton.jit
 def _sinq_moe_gemm_kernel(
-    a_ptr, qw_ptr, s_ptr, z_ptr, t_ptr, out_ptr, topk_w_ptr,
+    a_ptr, qw_ptr, s_ptr, z_ptr, t_ptr, lut_ptr, out_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
     N_SHARD, K, num_valid,
     stride_am, stride_ak,
@@ -59,12 +63,14 @@ def _sinq_moe_gemm_kernel(
     stride_ze, stride_zn,
     stride_te, stride_ts,
     stride_om, stride_on,
-    NUM_SHARDS: tl.constexpr, TOP_K: tl.constexpr, NBITS: tl.constexpr, GROUP: tl.constexpr,
-    MUL_ROUTED_WEIGHT: tl.constexpr, UPCAST_DOT: tl.constexpr, BF16_GRID: tl.constexpr, FP32_IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_SHARDS: tl.constexpr, TOP_K: tl.constexpr, NBITS: tl.constexpr, SLOTS: tl.constexpr, GROUP: tl.constexpr,
+    CODEBOOK: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, UPCAST_DOT: tl.constexpr, BF16_GRID: tl.constexpr,
+    FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     PER_WORD: tl.constexpr = 32 // NBITS
     MASK: tl.constexpr = (1 << NBITS) - 1
+    BLOCK_K: tl.constexpr = SLOTS * BLOCK_W  # the dot's K: SLOTS code slots of BLOCK_W words
+    K_STEP: tl.constexpr = PER_WORD * BLOCK_W  # input columns a step advances
 
     pid = tl.program_id(0)
     tiles_per_shard = (N_SHARD + BLOCK_N - 1) // BLOCK_N
@@ -95,28 +101,41 @@ def _sinq_moe_gemm_kernel(
     z_base = z_ptr + expert * stride_ze + offs_n[None, :] * stride_zn
     t_base = t_ptr + expert * stride_te + shard * stride_ts
 
+    # Row r of a step's code tile holds slot i = r // BLOCK_W of word w = r % BLOCK_W, i.e.
+    # input column (w0 + w) * PER_WORD + i: every word is loaded once and expanded to its
+    # SLOTS fields (SLOTS = PER_WORD rounded up to a power of 2; slots >= PER_WORD get
+    # zero activations). The activations are gathered in the same order.
+    r = tl.arange(0, BLOCK_K)
+    slot = r // BLOCK_W
+    shift = tl.minimum(tl.arange(0, SLOTS), PER_WORD - 1) * NBITS  # < 32: no oversized shifts
+    words_per_row = (K + PER_WORD - 1) // PER_WORD
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # tl.zeros is a jit function: see the module note
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
+    for w0 in range(0, words_per_row, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        words = tl.load(q_base + offs_w[:, None], mask=(offs_w < words_per_row)[:, None] & n_mask[None, :], other=0)
+        q = tl.reshape((words[None, :, :] >> shift[:, None, None]) & MASK, (BLOCK_K, BLOCK_N))
+        offs_k = (w0 + r % BLOCK_W) * PER_WORD + slot
+        k_mask = (slot < PER_WORD) & (offs_k < K)
         a = tl.load(a_base + offs_k[None, :] * stride_ak, mask=token_mask[:, None] & k_mask[None, :], other=0.0)
         t = tl.load(t_base + offs_k, mask=k_mask, other=0.0)
         a = a.to(tl.float32) * t.to(tl.float32)[None, :]
 
-        kn_mask = k_mask[:, None] & n_mask[None, :]
-        words = tl.load(q_base + (offs_k // PER_WORD)[:, None], mask=kn_mask, other=0)
-        q = (words >> ((offs_k % PER_WORD) * NBITS)[:, None]) & MASK
-        if GROUP % BLOCK_K == 0:
-            # the whole K step lies in one group: one scale and zero per output row
-            g = k0 // GROUP
+        if CODEBOOK:
+            v = tl.load(lut_ptr + q)
+        else:
+            v = q.to(tl.float32)
+        if GROUP % K_STEP == 0:
+            # the whole step lies in one group: one scale and zero per output row
+            g = (w0 * PER_WORD) // GROUP
             s = tl.load(s_ptr + expert * stride_se + offs_n * stride_sn + g, mask=n_mask, other=0.0)
             z = tl.load(z_ptr + expert * stride_ze + offs_n * stride_zn + g, mask=n_mask, other=0.0)
-            w = (q.to(tl.float32) - z.to(tl.float32)[None, :]) * s.to(tl.float32)[None, :]
+            w = (v - z.to(tl.float32)[None, :]) * s.to(tl.float32)[None, :]
         else:
-            grp = (offs_k // GROUP)[:, None]
+            grp = (tl.minimum(offs_k, K - 1) // GROUP)[:, None]
+            kn_mask = k_mask[:, None] & n_mask[None, :]
             s = tl.load(s_base + grp, mask=kn_mask, other=0.0)
             z = tl.load(z_base + grp, mask=kn_mask, other=0.0)
-            w = (q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)
+            w = (v - z.to(tl.float32)) * s.to(tl.float32)
 
         if UPCAST_DOT:
             # interpreter: tl.dot on bf16 operands returns garbage there, so the operands stay
@@ -181,28 +200,52 @@ def align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int):
     return sorted_ids, expert_ids.to(torch.int32), num_post
 
 
+def code_slots(nbits: int) -> int:
+    """Fields expanded per packed word: ``32 // nbits`` rounded up to a power of 2."""
+    return triton.next_power_of_2(32 // nbits)
+
+
 def pick_config(num_pairs: int, n_shard: int, k: int, group: int) -> dict:
-    """Block sizes by the number of routed (token, slot) pairs; BLOCK_K divides the group
-    when it can (one scale and zero per row and K step)."""
+    """Block sizes by the number of routed (token, slot) pairs; BLOCK_K is the dot's K
+    (code slots per step), 64 where the shape allows."""
     if num_pairs <= 64:
         bm, bn = 16, 64
     elif num_pairs <= 1024:
         bm, bn = 32, 64
     else:
         bm, bn = 64, 128
-    bk = 64 if group % 64 == 0 else (32 if group % 32 == 0 else 16)
     bn = min(bn, max(16, triton.next_power_of_2(n_shard)))
-    bk = min(bk, max(16, triton.next_power_of_2(k)))
+    bk = min(64, max(16, triton.next_power_of_2(k)))
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+
+
+_LUTS: dict = {}
+
+
+def codebook_table(name: str | None, device) -> torch.Tensor | None:
+    """fp32 [16] table of an NF4/NF3 codebook on ``device`` (created once per device, outside any
+    CUDA-graph capture: vLLM's warm-up runs before it captures)."""
+    if name is None:
+        return None
+    key = (name, str(device))
+    if key not in _LUTS:
+        from sinq_vllm.format.codebooks import codebook_values  # noqa: PLC0415
+
+        values = codebook_values(name).float()
+        table = torch.zeros(16, dtype=torch.float32)
+        table[: values.numel()] = values
+        _LUTS[key] = table.to(device)
+    return _LUTS[key]
 
 
 def sinq_moe_gemm(a, qweight, scales, zeros, col_scales, out, topk_weights, sorted_ids, expert_ids, num_post, *,
                   nbits: int, group: int, top_k: int, mul_routed_weight: bool, block_m: int,
-                  block_n: int | None = None, block_k: int | None = None):
+                  block_n: int | None = None, block_k: int | None = None, codebook: torch.Tensor | None = None):
     """``out[pair, :] = (a[pair // top_k] * t) @ W[expert(pair)]^T`` for every routed pair.
 
     ``a`` ``[rows, K]`` (fp16/bf16/fp32), ``out`` ``[T * topk, S * N_s]`` (pre-zeroed; pairs
-    not routed here keep their value).
+    not routed here keep their value); ``codebook``: fp32 [16] code values (NF4/NF3) or None.
+    ``block_k`` is the dot's K: ``block_k / code_slots(nbits)`` packed words per step.
     """
     for name, tensor in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("col_scales", col_scales)):
         if tensor.stride(-1) != 1:
@@ -214,11 +257,14 @@ def sinq_moe_gemm(a, qweight, scales, zeros, col_scales, out, topk_weights, sort
     n_shard = n_total // num_shards
     cfg = pick_config(out.shape[0], n_shard, k, group)
     block_n = block_n or cfg["BLOCK_N"]
-    block_k = block_k or cfg["BLOCK_K"]
+    slots = code_slots(nbits)
+    block_w = max(1, (block_k or cfg["BLOCK_K"]) // slots)
+    if slots * block_w < 16:
+        block_w = 16 // slots  # tl.dot needs K >= 16
     grid = (expert_ids.shape[0] * num_shards * triton.cdiv(n_shard, block_n),)
     interpreted = type(_sinq_moe_gemm_kernel).__name__ == "InterpretedFunction"
     _sinq_moe_gemm_kernel[grid](
-        a, qweight, scales, zeros, col_scales, out, topk_weights,
+        a, qweight, scales, zeros, col_scales, codebook if codebook is not None else col_scales, out, topk_weights,
         sorted_ids, expert_ids, num_post,
         n_shard, k, out.shape[0],
         a.stride(0), a.stride(1),
@@ -227,11 +273,11 @@ def sinq_moe_gemm(a, qweight, scales, zeros, col_scales, out, topk_weights, sort
         zeros.stride(0), zeros.stride(1),
         col_scales.stride(0), col_scales.stride(1),
         out.stride(0), out.stride(1),
-        NUM_SHARDS=num_shards, TOP_K=top_k, NBITS=nbits, GROUP=group,
+        NUM_SHARDS=num_shards, TOP_K=top_k, NBITS=nbits, SLOTS=slots, GROUP=group, CODEBOOK=codebook is not None,
         MUL_ROUTED_WEIGHT=mul_routed_weight, UPCAST_DOT=interpreted,
         BF16_GRID=interpreted and a.dtype == torch.bfloat16,
         FP32_IEEE=a.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w,
     )
     return out
 
@@ -245,12 +291,14 @@ _ACT = {
 
 def sinq_fused_moe(x, topk_weights, topk_ids, w13: dict, w2: dict, *, nbits13: int, nbits2: int, group13: int,
                    group2: int, activation: str = "silu", apply_router_weight_on_input: bool = False,
-                   expert_map=None, block_m: int | None = None):
+                   expert_map=None, block_m: int | None = None, codebook13: str | None = None,
+                   codebook2: str | None = None):
     """The routed-experts output ``[T, H]`` of a SINQ MoE layer.
 
     ``w13`` / ``w2``: resident tensors (``qweight``, ``scales``, ``zeros``, ``col_scales``),
     stacked over local experts; ``topk_ids`` global expert ids, mapped with ``expert_map``
-    (global -> local, ``-1`` elsewhere) when given.
+    (global -> local, ``-1`` elsewhere) when given; ``codebook13`` / ``codebook2``: "nf4",
+    "nf3" or None (uniform codes).
     """
     t, _ = x.shape
     top_k = topk_ids.shape[1]
@@ -266,11 +314,13 @@ def sinq_fused_moe(x, topk_weights, topk_ids, w13: dict, w2: dict, *, nbits13: i
     h = torch.zeros((pairs, 2 * inter), dtype=x.dtype, device=x.device)
     sinq_moe_gemm(x, w13["qweight"], w13["scales"], w13["zeros"], w13["col_scales"], h, weights,
                   sorted_ids, expert_ids, num_post, nbits=nbits13, group=group13, top_k=top_k,
-                  mul_routed_weight=apply_router_weight_on_input, block_m=bm)
+                  mul_routed_weight=apply_router_weight_on_input, block_m=bm,
+                  codebook=codebook_table(codebook13, x.device))
     hf = h.float()
     act = (_ACT[activation](hf[:, :inter]) * hf[:, inter:]).to(x.dtype)
     y = torch.zeros((pairs, hidden), dtype=x.dtype, device=x.device)
     sinq_moe_gemm(act, w2["qweight"], w2["scales"], w2["zeros"], w2["col_scales"], y, weights,
                   sorted_ids, expert_ids, num_post, nbits=nbits2, group=group2, top_k=1,
-                  mul_routed_weight=not apply_router_weight_on_input, block_m=bm)
+                  mul_routed_weight=not apply_router_weight_on_input, block_m=bm,
+                  codebook=codebook_table(codebook2, x.device))
     return y.view(t, top_k, hidden).float().sum(1).to(x.dtype)

@@ -245,7 +245,9 @@ class SinqMoEMethod(FusedMoEMethodBase):
         return {k: getattr(layer, f"{_RESIDENT_PREFIX}{family}_{k}") for k in self.resident_keys[family]}
 
     def forward_loop(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Per expert hit: the dense SINQ op on the tokens routed to it (eager; not traced)."""
+        """Per expert: the dense SINQ op on the tokens routed to it (eager; not traced). While a
+        CUDA graph is being captured nothing may be read back to the host, so there every local
+        expert runs on all tokens with a routing weight of 0 for the tokens not routed to it."""
         ids = topk_ids.long()
         expert_map = layer.expert_map
         if expert_map is not None:
@@ -257,18 +259,29 @@ class SinqMoEMethod(FusedMoEMethodBase):
         s13, s2 = self.specs["w13"], self.specs["w2"]
         inter = self.intermediate
         out = torch.zeros(x.shape[0], s2.out_features, dtype=torch.float32, device=x.device)
-        for e in torch.unique(ids).tolist():
+        capturing = _graph_capturing(x)
+        experts = range(w13["qweight"].shape[0]) if capturing else torch.unique(ids).tolist()
+        for e in experts:
             if e < 0:
                 continue
-            tok, slot = (ids == e).nonzero(as_tuple=True)
-            weight = topk_weights[tok, slot].float().unsqueeze(1)
-            xe = x[tok]
+            if capturing:  # static shapes, no host sync: every token, weight 0 where not routed
+                tok = None
+                weight = torch.where(ids == e, topk_weights.float(), 0.0).sum(1, keepdim=True)
+                xe = x
+            else:
+                tok, slot = (ids == e).nonzero(as_tuple=True)
+                weight = topk_weights[tok, slot].float().unsqueeze(1)
+                xe = x[tok]
             if on_input:
                 xe = (xe.float() * weight).to(x.dtype)
             h = b13.apply({k: v[e] for k, v in w13.items()}, s13, xe, None).float()
             h = (act(h[:, :inter]) * h[:, inter:]).to(x.dtype)
             y = b2.apply({k: v[e] for k, v in w2.items()}, s2, h, None).float()
-            out.index_add_(0, tok, y if on_input else y * weight)
+            y = y if on_input else y * weight
+            if tok is None:
+                out += y
+            else:
+                out.index_add_(0, tok, y)
         return out.to(x.dtype)
 
     def _apply_triton(self, layer, x, topk_weights, topk_ids):
@@ -279,7 +292,12 @@ class SinqMoEMethod(FusedMoEMethodBase):
             nbits13=self.specs["w13"].nbits, nbits2=self.specs["w2"].nbits, group13=self.specs["w13"].group_size,
             group2=self.specs["w2"].group_size, activation=self.moe.activation.value,
             apply_router_weight_on_input=bool(layer.apply_router_weight_on_input), expert_map=layer.expert_map,
+            codebook13=self.specs["w13"].codebook, codebook2=self.specs["w2"].codebook,
         )
+
+
+def _graph_capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _local_to_global(layer, num_local: int) -> list[int]:
