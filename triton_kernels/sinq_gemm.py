@@ -425,10 +425,10 @@ def _largest_pow2_divisor(v: int, cap: int) -> int:
 
 def _block_m(path: str, m: int) -> int:
     if path == "gemv":
-        return min(_pow2_ceil(m), 4)
+        return 1 if m == 1 else 4
     if path == "factored":
-        return min(max(16, _pow2_ceil(m)), 64)
-    return 64 if m <= 64 else 128
+        return 16 if m <= 16 else 32  # 33..64 rows: two row tiles (BLOCK_M 64 needs too many registers)
+    return 64
 
 
 def candidate_configs(path: str, m: int, group: int, align: int, k: int) -> list[Config]:
@@ -464,7 +464,9 @@ def candidate_configs(path: str, m: int, group: int, align: int, k: int) -> list
 def default_config(path: str, m: int, group: int, align: int, k: int) -> Config:
     """Fixed config used when autotuning is off (and the fallback of every pruned list).
     Every default is compiled for sm_80 and sm_90 by the offline resource check
-    (tests/test_gpu_resources.py: no spills, >= 2 CTAs per SM)."""
+    (tests/test_gpu_resources.py): no spills, >= 2 CTAs per SM (3-4 for most); larger
+    tiles (BLOCK_M 64 on the factored path, 128 x 128 on the dequant path, 8 warps) need
+    over 128 registers per thread at 256 threads, i.e. one CTA per SM."""
     bk_cap = _largest_pow2_divisor(group, 256)
     if interpreting():
         bn = min(32, align)
@@ -472,21 +474,19 @@ def default_config(path: str, m: int, group: int, align: int, k: int) -> Config:
             return Config(min(_pow2_ceil(m), 4), bn, min(32, bk_cap), 1, 1)
         return Config(16, bn, min(32, bk_cap), 1, 1)
     bn_cap = min(align, 128)
-    if path == "gemv":
-        bm = min(_pow2_ceil(m), 4)
-        return Config(bm, min(bn_cap, 128), min(64 if bm == 1 else 32, bk_cap), 4, 2)
-    if path == "factored":
-        bm = _block_m(path, m)
-        return Config(bm, min(bn_cap, 64), min(64, bk_cap), 4 if bm <= 32 else 8, 3)
     bm = _block_m(path, m)
-    return Config(bm, bn_cap, 32, 8 if bm == 128 else 4, 3)
+    if path == "gemv":
+        return Config(bm, min(bn_cap, 128 if bm == 1 else 64), min(64 if bm == 1 else 32, bk_cap), 4, 2)
+    if path == "factored":
+        return Config(bm, min(bn_cap, 64), min(64 if bm == 16 else 16, bk_cap), 4, 3)
+    return Config(bm, min(bn_cap, 64), 32, 4, 3)
 
 
-DEQUANT_BLOCK_N = 64
+DEQUANT_BLOCK_N = 32
 
 
 def dequant_block_k(group: int) -> int:
-    return min(64, _largest_pow2_divisor(group, 64))
+    return min(32, _largest_pow2_divisor(group, 32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -670,19 +670,27 @@ def dequantize_shard(out: torch.Tensor, qweight: torch.Tensor, scales_zeros: tor
 # ahead-of-time compilation (no GPU needed: CI compile checks, register/smem inspection)
 # --------------------------------------------------------------------------------------
 
-_TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def aot_compile(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int):
+    """Compile a @triton.jit kernel for ``sm_<arch>`` with Triton's bundled ptxas, without a GPU;
+    returns the ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``)."""
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import ASTSource  # noqa: PLC0415
+
+    sig = dict(signature, **{k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
 
 
 def compile_for_target(path: str, act_dtype: torch.dtype, nbits: int, group: int, config: Config,
                        align: int = 128, split: bool = False, has_bias: bool = True, codebook: bool = False,
                        arch: int = 90):
-    """Compile one kernel variant (``path``: a GEMM path or ``"dequantize_shard"``) for
-    ``sm_<arch>`` with Triton's bundled ptxas, without a GPU; returns the ``CompiledKernel``
-    (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``)."""
-    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
-    from triton.compiler import ASTSource  # noqa: PLC0415
-
-    act = _TL_TYPES[act_dtype]
+    """Compile one variant of this module's kernels (``path``: a GEMM path or
+    ``"dequantize_shard"``) for ``sm_<arch>`` without a GPU (see :func:`aot_compile`)."""
+    act = TL_TYPES[act_dtype]
     bits = 4 if nbits <= 4 else 8
     if path == "dequantize_shard":
         kernel = _sinq_dequant_kernel
@@ -700,11 +708,7 @@ def compile_for_target(path: str, act_dtype: torch.dtype, nbits: int, group: int
                       INTERPRET=False, **config.kwargs())
         if path != "gemv":
             consts.update(FACTORED=path == "factored", GROUP_M=8)
-    sig.update({k: "constexpr" for k in consts})
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages,
-                                   "enable_fp_fusion": True})
+    return aot_compile(kernel, sig, consts, config.num_warps, config.num_stages, arch)
 
 
 # --------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ import triton.language as tl
 
 __all__ = ["align_block_size", "sinq_moe_gemm", "sinq_fused_moe", "pick_config"]
 
+NUM_WARPS, NUM_STAGES = 4, 3  # the launch's (Triton's defaults, explicit so the offline check compiles the same)
+
 
 @triton.jit
 def _bf16_grid(x):
@@ -207,15 +209,14 @@ def code_slots(nbits: int) -> int:
 
 def pick_config(num_pairs: int, n_shard: int, k: int, group: int) -> dict:
     """Block sizes by the number of routed (token, slot) pairs; BLOCK_K is the dot's K
-    (code slots per step), 64 where the shape allows."""
+    (code slots per step). Larger tiles need over 128 registers per thread (one CTA per SM or
+    spills: tests/test_gpu_resources.py)."""
     if num_pairs <= 64:
-        bm, bn = 16, 64
-    elif num_pairs <= 1024:
-        bm, bn = 32, 64
+        bm, bn, bk = 16, 64, 64
     else:
-        bm, bn = 64, 128
+        bm, bn, bk = 32, 64, 32
     bn = min(bn, max(16, triton.next_power_of_2(n_shard)))
-    bk = min(64, max(16, triton.next_power_of_2(k)))
+    bk = min(bk, max(16, triton.next_power_of_2(k)))
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
 
 
@@ -258,9 +259,7 @@ def sinq_moe_gemm(a, qweight, scales, zeros, col_scales, out, topk_weights, sort
     cfg = pick_config(out.shape[0], n_shard, k, group)
     block_n = block_n or cfg["BLOCK_N"]
     slots = code_slots(nbits)
-    block_w = max(1, (block_k or cfg["BLOCK_K"]) // slots)
-    if slots * block_w < 16:
-        block_w = 16 // slots  # tl.dot needs K >= 16
+    words = block_w(nbits, block_k or cfg["BLOCK_K"])  # tl.dot needs K >= 16
     grid = (expert_ids.shape[0] * num_shards * triton.cdiv(n_shard, block_n),)
     interpreted = type(_sinq_moe_gemm_kernel).__name__ == "InterpretedFunction"
     _sinq_moe_gemm_kernel[grid](
@@ -277,9 +276,47 @@ def sinq_moe_gemm(a, qweight, scales, zeros, col_scales, out, topk_weights, sort
         MUL_ROUTED_WEIGHT=mul_routed_weight, UPCAST_DOT=interpreted,
         BF16_GRID=interpreted and a.dtype == torch.bfloat16,
         FP32_IEEE=a.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=words, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
+
+
+def block_w(nbits: int, block_k: int) -> int:
+    """Packed words per step for a dot K of ``block_k`` (at least 16)."""
+    slots = code_slots(nbits)
+    return max(1, max(block_k, 16) // slots)
+
+
+def selectable_variants() -> list[dict]:
+    """Every kernel variant pick_config can launch, by activation dtype, container (4-bit
+    power-of-2 fields, 3-bit padded fields, 8-bit bytes) and codebook; group 64 (the per-step
+    scale path for 4/8-bit, the per-element gather for 3-bit). For the offline resource check."""
+    out = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for nbits in (4, 3, 8):
+            for codebook in ((False, True) if nbits <= 4 else (False,)):
+                for pairs in (1, 256):  # pick_config's two buckets
+                    cfg = pick_config(pairs, 4096, 4096, 64)
+                    out.append(dict(kernel="moe", dtype=dtype, nbits=nbits, codebook=codebook, group=64,
+                                    block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"], block_k=cfg["BLOCK_K"]))
+    return out
+
+
+def compile_for_target(dtype: torch.dtype, nbits: int, group: int, codebook: bool, block_m: int, block_n: int,
+                       block_k: int, arch: int = 90, **_):
+    """Compile one variant of the MoE kernel for ``sm_<arch>`` without a GPU (sinq_gemm.aot_compile)."""
+    from sinq_vllm.triton_kernels.sinq_gemm import TL_TYPES, aot_compile  # noqa: PLC0415
+
+    act = TL_TYPES[dtype]
+    sig = {"a_ptr": f"*{act}", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "t_ptr": "*fp16",
+           "lut_ptr": "*fp32", "out_ptr": f"*{act}", "topk_w_ptr": "*fp32", "sorted_ids_ptr": "*i32",
+           "expert_ids_ptr": "*i32", "num_post_ptr": "*i32", "N_SHARD": "i32", "K": "i32", "num_valid": "i32"}
+    sig.update({name: "i32" for name in ("stride_am", "stride_ak", "stride_qe", "stride_qn", "stride_se", "stride_sn",
+                                         "stride_ze", "stride_zn", "stride_te", "stride_ts", "stride_om", "stride_on")})
+    consts = dict(NUM_SHARDS=2, TOP_K=1, NBITS=nbits, SLOTS=code_slots(nbits), GROUP=group, CODEBOOK=codebook,
+                  MUL_ROUTED_WEIGHT=True, UPCAST_DOT=False, BF16_GRID=False, FP32_IEEE=dtype == torch.float32,
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w(nbits, block_k))
+    return aot_compile(_sinq_moe_gemm_kernel, sig, consts, NUM_WARPS, NUM_STAGES, arch)
 
 
 _ACT = {

@@ -8,82 +8,66 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace sinq_cuda {
 namespace detail {
 
+// Conversions and the tensor-core mma for one activation type (fp16 or bf16): the two
+// differ only in the intrinsics' names, the magic constants and the PTX type.
 template <typename T>
-struct Act;
+struct Act {
+  static constexpr bool kHalf = std::is_same_v<T, __half>;
+  using T2 = std::conditional_t<kHalf, __half2, __nv_bfloat162>;
+  // the 4-bit magic: (0x6400 | q) = 1024 + q in fp16, (0x4300 | q) = 128 + q in bf16
+  static constexpr uint32_t kMagic4 = kHalf ? 0x64006400u : 0x43004300u;
+  static constexpr uint32_t kOnes = kHalf ? 0x3C003C00u : 0x3F803F80u;  // (1.0, 1.0)
 
-template <>
-struct Act<__half> {
-  static constexpr uint32_t kMagic4 = 0x64006400u;  // 1024.0 in both halves: (0x6400 | q) = 1024 + q
-  static constexpr uint32_t kOnes = 0x3C003C00u;    // (1.0, 1.0)
+  __device__ static __forceinline__ T2 as_pair(uint32_t v) { return *reinterpret_cast<const T2*>(&v); }
+  __device__ static __forceinline__ uint32_t as_word(T2 v) { return *reinterpret_cast<const uint32_t*>(&v); }
   __device__ static __forceinline__ uint32_t sub_magic4(uint32_t v) {
-    const uint32_t magic = kMagic4;
-    __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&v), *reinterpret_cast<const __half2*>(&magic));
-    return *reinterpret_cast<uint32_t*>(&r);
+    return as_word(__hsub2(as_pair(v), as_pair(kMagic4)));
   }
   __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 r = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&r);
+    if constexpr (kHalf) return as_word(__floats2half2_rn(lo, hi));
+    else return as_word(__floats2bfloat162_rn(lo, hi));
   }
   __device__ static __forceinline__ float2 unpack(uint32_t v) {
-    return __half22float2(*reinterpret_cast<const __half2*>(&v));
+    if constexpr (kHalf) return __half22float2(as_pair(v));
+    else return __bfloat1622float2(as_pair(v));
   }
-  __device__ static __forceinline__ uint16_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
-  __device__ static __forceinline__ float to_float(__half v) { return __half2float(v); }
-  __device__ static __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  // codes (bytes B0, B1 of w) of an 8-bit word as an exact half2 pair
+  __device__ static __forceinline__ T from_float(float v) {
+    if constexpr (kHalf) return __float2half_rn(v);
+    else return __float2bfloat16_rn(v);
+  }
+  __device__ static __forceinline__ float to_float(T v) {
+    if constexpr (kHalf) return __half2float(v);
+    else return __bfloat162float(v);
+  }
+  __device__ static __forceinline__ uint16_t bits(float v) {
+    const T t = from_float(v);
+    return *reinterpret_cast<const uint16_t*>(&t);
+  }
+  // codes (bytes B0, B1 of w) of an 8-bit word as an exact T2 pair
   template <int B0, int B1>
   __device__ static __forceinline__ uint32_t byte_pair(uint32_t w) {
-    // result bytes [w.B0, 0x64, w.B1, 0x64] = half2(1024 + q0, 1024 + q1)
-    const uint32_t r = __byte_perm(w, 0x64646464u, (B0) | (4 << 4) | (B1 << 8) | (4 << 12));
-    return sub_magic4(r);
+    if constexpr (kHalf) {  // bytes [w.B0, 0x64, w.B1, 0x64] = half2(1024 + q0, 1024 + q1)
+      return sub_magic4(__byte_perm(w, 0x64646464u, (B0) | (4 << 4) | (B1 << 8) | (4 << 12)));
+    } else {  // bf16 has 8 significant bits, so via fp32: bytes [w.B, 0, 0, 0x4B] = 2^23 + q exactly
+      const float q0 = __uint_as_float(__byte_perm(w, 0x4B000000u, (B0) | (4 << 4) | (4 << 8) | (7 << 12))) - 8388608.0f;
+      const float q1 = __uint_as_float(__byte_perm(w, 0x4B000000u, (B1) | (4 << 4) | (4 << 8) | (7 << 12))) - 8388608.0f;
+      return pack(q0, q1);  // q <= 255 is exact in bf16
+    }
   }
   __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-template <>
-struct Act<__nv_bfloat16> {
-  static constexpr uint32_t kMagic4 = 0x43004300u;  // 128.0 in both halves: (0x4300 | q) = 128 + q
-  static constexpr uint32_t kOnes = 0x3F803F80u;    // (1.0, 1.0)
-  __device__ static __forceinline__ uint32_t sub_magic4(uint32_t v) {
-    const uint32_t magic = kMagic4;
-    __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
-                               *reinterpret_cast<const __nv_bfloat162*>(&magic));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static __forceinline__ float2 unpack(uint32_t v) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-  }
-  __device__ static __forceinline__ uint16_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-  __device__ static __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  template <int B0, int B1>
-  __device__ static __forceinline__ uint32_t byte_pair(uint32_t w) {
-    // bf16 has 8 significant bits: 128 + q is not exact for q >= 128, so go through fp32:
-    // bytes [w.B, 0, 0, 0x4B] = 2^23 + q exactly; minus 2^23 = q; q <= 255 is exact in bf16.
-    const float q0 = __uint_as_float(__byte_perm(w, 0x4B000000u, (B0) | (4 << 4) | (4 << 8) | (7 << 12))) - 8388608.0f;
-    const float q1 = __uint_as_float(__byte_perm(w, 0x4B000000u, (B1) | (4 << 4) | (4 << 8) | (7 << 12))) - 8388608.0f;
-    return pack(q0, q1);
-  }
-  __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define SINQ_MMA_M16N8K16(TYPE)                                                                                 \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "    \
+               "{%8,%9}, {%0,%1,%2,%3};\n"                                                                      \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+    if constexpr (kHalf) SINQ_MMA_M16N8K16("f16");
+    else SINQ_MMA_M16N8K16("bf16");
+#undef SINQ_MMA_M16N8K16
   }
 };
 

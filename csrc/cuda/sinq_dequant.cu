@@ -21,17 +21,8 @@ using detail::Act;
 
 constexpr int kThreads = 128;
 
-struct Params {
-  const uint4* qweight;
-  const uint4* scales_zeros;
-  const uint16_t* col_scales;
-  const float* codebook;
-  void* out;
-  int k, n_pad, group_size, shard, col0, rows, warp_tiles;
-};
-
 template <typename T, int BITS, bool LUT>
-__global__ void __launch_bounds__(kThreads) sinq_dequant_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) sinq_dequant_kernel(const DequantArgs p) {
   constexpr int PACK = 32 / BITS;
   constexpr int CK = 4 * PACK;  // K per chunk (4 word rows)
   using A = Act<T>;
@@ -46,14 +37,16 @@ __global__ void __launch_bounds__(kThreads) sinq_dequant_kernel(const Params p) 
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int lane = static_cast<int>(idx & 31);
   const int64_t rest = idx >> 5;
-  const int wt = p.col0 / 32 + static_cast<int>(rest % p.warp_tiles);
-  const int64_t c = rest / p.warp_tiles;
+  const int warp_tiles = (p.rows + 31) / 32;
+  const int wt = p.col0 / 32 + static_cast<int>(rest % warp_tiles);
+  const int64_t c = rest / warp_tiles;
   if (c >= p.k / CK) return;
   const int g = lane >> 2, j = lane & 3;
   const int k0 = static_cast<int>(c) * CK + PACK * j;
 
-  const uint4 w = __ldcs(p.qweight + detail::lane_words(c, wt, p.n_pad, lane));
-  const uint4 sz = __ldg(p.scales_zeros + detail::lane_scales((c * CK) / p.group_size, wt, p.n_pad, g));
+  const uint4 w = __ldcs(reinterpret_cast<const uint4*>(p.qweight) + detail::lane_words(c, wt, p.n_pad, lane));
+  const uint4 sz = __ldg(reinterpret_cast<const uint4*>(p.scales_zeros) +
+                         detail::lane_scales((c * CK) / p.group_size, wt, p.n_pad, g));
   float t[PACK];
   const uint16_t* tp = p.col_scales + static_cast<int64_t>(p.shard) * p.k + k0;
   if constexpr (BITS == 4) {
@@ -105,27 +98,14 @@ __global__ void __launch_bounds__(kThreads) sinq_dequant_kernel(const Params p) 
 template <typename T>
 cudaError_t launch_act(const DequantArgs& a, cudaStream_t stream) {
   const int ck = a.bits == 4 ? 32 : 16;
-  Params p;
-  p.qweight = reinterpret_cast<const uint4*>(a.qweight);
-  p.scales_zeros = reinterpret_cast<const uint4*>(a.scales_zeros);
-  p.col_scales = a.col_scales;
-  p.codebook = a.codebook;
-  p.out = a.out;
-  p.k = a.k;
-  p.n_pad = a.n_pad;
-  p.group_size = a.group_size;
-  p.shard = a.shard;
-  p.col0 = a.col0;
-  p.rows = a.rows;
-  p.warp_tiles = (a.rows + 31) / 32;
-  const int64_t threads = static_cast<int64_t>(a.k / ck) * p.warp_tiles * 32;
+  const int64_t threads = static_cast<int64_t>(a.k / ck) * ((a.rows + 31) / 32) * 32;
   const unsigned blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
   if (a.bits == 8) {
-    sinq_dequant_kernel<T, 8, false><<<blocks, kThreads, 0, stream>>>(p);
+    sinq_dequant_kernel<T, 8, false><<<blocks, kThreads, 0, stream>>>(a);
   } else if (a.codebook != nullptr) {
-    sinq_dequant_kernel<T, 4, true><<<blocks, kThreads, 0, stream>>>(p);
+    sinq_dequant_kernel<T, 4, true><<<blocks, kThreads, 0, stream>>>(a);
   } else {
-    sinq_dequant_kernel<T, 4, false><<<blocks, kThreads, 0, stream>>>(p);
+    sinq_dequant_kernel<T, 4, false><<<blocks, kThreads, 0, stream>>>(a);
   }
   return cudaGetLastError();
 }

@@ -74,21 +74,6 @@ struct Tuning<2> {
   static constexpr int kMinBlocks = 3;
 };
 
-struct Params {
-  const void* x;
-  const uint4* qweight;
-  const uint4* scales_zeros;
-  const uint16_t* col_scales;
-  const int32_t* blk;
-  const float* codebook;
-  const void* bias;
-  void* out;
-  float* workspace;
-  int32_t* counters;
-  int64_t x_row_stride;
-  int m, n, k, n_pad, group_size, align, split_k, k_per_split;
-};
-
 // Per-stage registers of the prefetch ring.
 template <int BITS, int MT>
 struct Stage;
@@ -120,7 +105,7 @@ __device__ __forceinline__ void words_of(const uint2& v, uint32_t (&o)[4]) {
 }
 
 template <typename T, int BITS, int MT, bool LUT>
-__global__ void __launch_bounds__(kThreads, Tuning<MT>::kMinBlocks) sinq_gemv_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, Tuning<MT>::kMinBlocks) sinq_gemv_kernel(const GemvArgs p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int PACK = 32 / BITS;   // codes per word
   constexpr int CK = 4 * PACK;      // K per chunk: 4 word rows (one per lane of a quad)
@@ -157,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, Tuning<MT>::kMinBlocks) sinq_gemv_ke
   const int valid = __ldg(p.blk + 3 * blk + 2);
   const int local0 = col0 - blk * p.align;
 
-  const uint4* wbase = p.qweight + detail::lane_words(kbeg / CK, wt, p.n_pad, lane);
+  const uint4* wbase = reinterpret_cast<const uint4*>(p.qweight) + detail::lane_words(kbeg / CK, wt, p.n_pad, lane);
   const int64_t wstep = p.n_pad;  // 16-byte words per chunk: (n_pad / 32) warp tiles x 32 lanes
   const uint16_t* tbase = p.col_scales + static_cast<int64_t>(shard) * p.k + kbeg + KPL * j;
   const bool lane_has_token = m0 + g < p.m;  // token tile 0; tile 1 tokens are 8 later
@@ -207,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, Tuning<MT>::kMinBlocks) sinq_gemv_ke
   // (scale, zero) pairs of the current group for the lane's columns g + 8 slot
   uint4 sz;
   auto load_sz = [&](int group_index) {
-    sz = __ldg(p.scales_zeros + detail::lane_scales(group_index, wt, p.n_pad, g));
+    sz = __ldg(reinterpret_cast<const uint4*>(p.scales_zeros) + detail::lane_scales(group_index, wt, p.n_pad, g));
   };
 
   // A operand of tile t, step s: rows g / g+8 (slots 2t / 2t+1), code pairs (2s, 2s+1)
@@ -331,16 +316,8 @@ __global__ void __launch_bounds__(kThreads, Tuning<MT>::kMinBlocks) sinq_gemv_ke
   // acc[t][mt][2h + e] is column col0 + 16t + 8h + g, token m0 + 8mt + 2j + e; value index
   // v = (t * MT + mt) * 4 + 2h + e is the same in every split, so the last CTA re-reads
   // exactly the values each of its threads owns.
-  auto column_ok = [&](int t, int h) { return local0 + 16 * t + 8 * h + g < valid; };
-  auto token_ok = [&](int mt, int e) { return m0 + 8 * mt + 2 * j + e < p.m; };
-  auto store = [&](int t, int h, int mt, int e, float v) {
-    const int col = out0 + local0 + 16 * t + 8 * h + g;
-    const int tok = m0 + 8 * mt + 2 * j + e;
-    if (p.bias != nullptr) v += A::to_float(static_cast<const T*>(p.bias)[col]);
-    static_cast<T*>(p.out)[static_cast<int64_t>(tok) * p.n + col] = A::from_float(v);
-  };
-
-  if (p.split_k == 1) {
+  // Calls f(t, h, mt, e, value index) for every accumulator that is a real output.
+  auto for_each_output = [&](auto&& f) {
 #pragma unroll
     for (int t = 0; t < kTiles; ++t)
 #pragma unroll
@@ -349,42 +326,36 @@ __global__ void __launch_bounds__(kThreads, Tuning<MT>::kMinBlocks) sinq_gemv_ke
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
           for (int e = 0; e < 2; ++e)
-            if (column_ok(t, h) && token_ok(mt, e)) store(t, h, mt, e, acc[t][mt][2 * h + e]);
+            if (local0 + 16 * t + 8 * h + g < valid && m0 + 8 * mt + 2 * j + e < p.m) f(t, h, mt, e, (t * MT + mt) * 4 + 2 * h + e);
+  };
+  auto store = [&](int t, int h, int mt, int e, float v) {
+    const int col = out0 + local0 + 16 * t + 8 * h + g;
+    const int tok = m0 + 8 * mt + 2 * j + e;
+    if (p.bias != nullptr) v += A::to_float(static_cast<const T*>(p.bias)[col]);
+    static_cast<T*>(p.out)[static_cast<int64_t>(tok) * p.n + col] = A::from_float(v);
+  };
+
+  if (p.split_k == 1) {
+    for_each_output([&](int t, int h, int mt, int e, int) { store(t, h, mt, e, acc[t][mt][2 * h + e]); });
     return;
   }
 
   const int tile = blockIdx.y * gridDim.x + blockIdx.x;
   float* tile_ws = p.workspace + static_cast<int64_t>(tile) * p.split_k * (VALS * kThreads);
   float* mine = tile_ws + static_cast<int64_t>(split) * (VALS * kThreads) + threadIdx.x;
-#pragma unroll
-  for (int t = 0; t < kTiles; ++t)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          if (column_ok(t, h) && token_ok(mt, e)) mine[((t * MT + mt) * 4 + 2 * h + e) * kThreads] = acc[t][mt][2 * h + e];
+  for_each_output([&](int t, int h, int mt, int e, int v) { mine[v * kThreads] = acc[t][mt][2 * h + e]; });
   __threadfence();  // this thread's partials are visible device-wide before the arrival
   __syncthreads();
   if (threadIdx.x == 0) last_split = atomicAdd(p.counters + tile, 1) == p.split_k - 1;
   __syncthreads();
   if (!last_split) return;
   __threadfence();
-#pragma unroll
-  for (int t = 0; t < kTiles; ++t)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          if (!(column_ok(t, h) && token_ok(mt, e))) continue;
-          const float* src = tile_ws + static_cast<int64_t>((t * MT + mt) * 4 + 2 * h + e) * kThreads + threadIdx.x;
-          float v = 0.f;
-          for (int s = 0; s < p.split_k; ++s) v += __ldcg(src + static_cast<int64_t>(s) * (VALS * kThreads));
-          store(t, h, mt, e, v);
-        }
+  for_each_output([&](int t, int h, int mt, int e, int v) {
+    const float* src = tile_ws + static_cast<int64_t>(v) * kThreads + threadIdx.x;
+    float sum = 0.f;
+    for (int s = 0; s < p.split_k; ++s) sum += __ldcg(src + static_cast<int64_t>(s) * (VALS * kThreads));
+    store(t, h, mt, e, sum);
+  });
   if (threadIdx.x == 0) p.counters[tile] = 0;  // zero again for the next launch
 #else
   __trap();  // built for an architecture without bf16 mma.sync (needs sm_80+)
@@ -408,30 +379,6 @@ auto with_kernel(const GemvArgs& a, F&& f) {
   };
   if (a.act == ActType::kFloat16) return pick(__half{});
   return pick(__nv_bfloat16{});
-}
-
-Params make_params(const GemvArgs& a) {
-  Params p;
-  p.x = a.x;
-  p.qweight = reinterpret_cast<const uint4*>(a.qweight);
-  p.scales_zeros = reinterpret_cast<const uint4*>(a.scales_zeros);
-  p.col_scales = a.col_scales;
-  p.blk = a.blk;
-  p.codebook = a.codebook;
-  p.bias = a.bias;
-  p.out = a.out;
-  p.workspace = a.workspace;
-  p.counters = a.counters;
-  p.x_row_stride = a.x_row_stride;
-  p.m = a.m;
-  p.n = a.n;
-  p.k = a.k;
-  p.n_pad = a.n_pad;
-  p.group_size = a.group_size;
-  p.align = a.align;
-  p.split_k = a.split_k;
-  p.k_per_split = a.k_per_split;
-  return p;
 }
 
 }  // namespace
@@ -501,10 +448,9 @@ void plan_split_k(GemvArgs& a, int requested, int num_sms, int ctas_per_sm) {
 
 cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream) {
   if (a.m == 0 || a.n == 0) return cudaSuccess;
-  const Params p = make_params(a);
   const dim3 grid(token_blocks(a.m), a.n_pad / kGemvCtaColumns, a.split_k);
   with_kernel(a, [&](auto kernel) {
-    kernel<<<grid, kThreads, 0, stream>>>(p);
+    kernel<<<grid, kThreads, 0, stream>>>(a);
     return cudaSuccess;
   });
   return cudaGetLastError();
