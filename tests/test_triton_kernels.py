@@ -224,7 +224,7 @@ def test_prefill_dequantizes_each_shard_for_matmul(monkeypatch, nbits, codebook,
         assert err < TOL[dtype], f"M={m}: rel err {err:.2e}"
     out = torch.empty(19, 96, dtype=dtype)
     INTERP.dequantize_shard(out, tensors["qweight"], tensors["scales_zeros"], tensors["col_scales"],
-                            tensors.get("codebook"), 32, 2, gpu_layout.padded_shard_starts(w.shard_offsets, 32)[2])
+                            tensors.get("codebook"), nbits, 32, 2, gpu_layout.padded_shard_starts(w.shard_offsets, 32)[2])
     dense = reference(w, torch.eye(96)).T  # [N, K] = (V(Q) - z) * s * t per shard
     assert rel_err(out, dense[37:56]) < TOL[dtype]
 

@@ -177,12 +177,15 @@ def _tile_columns(pid_n, blk_ptr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _k_block_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K):
+def _tile(pid_n, pid_m, pid_k, blk_ptr, M, K, SPLIT_K, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A program's output tile (columns as _tile_columns, rows, their mask) and its split's K blocks."""
+    offs_n, n_out, n_ok, shard = _tile_columns(pid_n, blk_ptr, BLOCK_N, ALIGN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     nkb = (K + BLOCK_K - 1) // BLOCK_K
     per = (nkb + SPLIT_K - 1) // SPLIT_K
     kb0 = pid_k * per
-    kb1 = tl.minimum(kb0 + per, nkb)
-    return kb0, kb1
+    return offs_n, n_out, n_ok, shard, offs_m, offs_m < M, kb0, tl.minimum(kb0 + per, nkb)
 
 
 @triton.jit
@@ -241,11 +244,8 @@ def _sinq_gemv_kernel(
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
 
-    offs_n, n_out, n_ok, shard = _tile_columns(pid_n, blk_ptr, BLOCK_N, ALIGN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    kb0, kb1 = _k_block_range(pid_k, K, BLOCK_K, SPLIT_K)
-
+    offs_n, n_out, n_ok, shard, offs_m, m_ok, kb0, kb1 = _tile(pid_n, pid_m, pid_k, blk_ptr, M, K, SPLIT_K, ALIGN,
+                                                               BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
     for kb in range(kb0, kb1):
         offs_k = _block_k(kb, BLOCK_K, BITS)
@@ -288,11 +288,8 @@ def _sinq_gemm_kernel(
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
 
-    offs_n, n_out, n_ok, shard = _tile_columns(pid_n, blk_ptr, BLOCK_N, ALIGN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    kb0, kb1 = _k_block_range(pid_k, K, BLOCK_K, SPLIT_K)
-
+    offs_n, n_out, n_ok, shard, offs_m, m_ok, kb0, kb1 = _tile(pid_n, pid_m, pid_k, blk_ptr, M, K, SPLIT_K, ALIGN,
+                                                               BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
     for kb in range(kb0, kb1):
         offs_k = _block_k(kb, BLOCK_K, BITS)
@@ -464,9 +461,10 @@ def candidate_configs(path: str, m: int, group: int, align: int, k: int) -> list
 def default_config(path: str, m: int, group: int, align: int, k: int) -> Config:
     """Fixed config used when autotuning is off (and the fallback of every pruned list).
     Every default is compiled for sm_80 and sm_90 by the offline resource check
-    (tests/test_gpu_resources.py): no spills, >= 2 CTAs per SM (3-4 for most); larger
-    tiles (BLOCK_M 64 on the factored path, 128 x 128 on the dequant path, 8 warps) need
-    over 128 registers per thread at 256 threads, i.e. one CTA per SM."""
+    (tests/test_gpu_resources.py): no spills, >= 2 CTAs per SM (3-4 for most), with the
+    Triton of CI (3.9) and of the GPU image (3.6, which allocates up to twice the registers
+    for the same kernel). Larger tiles (BLOCK_K 64, BLOCK_M 64 on the factored path, 128 x 128
+    on the dequant path, 8 warps) spill or leave one CTA per SM with one of the two."""
     bk_cap = _largest_pow2_divisor(group, 256)
     if interpreting():
         bn = min(32, align)
@@ -476,9 +474,9 @@ def default_config(path: str, m: int, group: int, align: int, k: int) -> Config:
     bn_cap = min(align, 128)
     bm = _block_m(path, m)
     if path == "gemv":
-        return Config(bm, min(bn_cap, 128 if bm == 1 else 64), min(64 if bm == 1 else 32, bk_cap), 4, 2)
+        return Config(bm, min(bn_cap, 128 if bm == 1 else 64), min(32, bk_cap), 4, 2)
     if path == "factored":
-        return Config(bm, min(bn_cap, 64), min(64 if bm == 16 else 16, bk_cap), 4, 3)
+        return Config(bm, min(bn_cap, 64), min(32 if bm == 16 else 16, bk_cap), 4, 3)
     return Config(bm, min(bn_cap, 64), 32, 4, 3)
 
 
@@ -567,13 +565,14 @@ def _autotuned(path: str, m_bkt: int, group: int, align: int, k: int):
     return fn
 
 
-def _container_bits(qweight: torch.Tensor, k: int) -> int:
-    """Container width from qweight's word rows (``W_pad`` = K / P rounded up to 4 rows)."""
-    for bits in (4, 8):
-        words = -(-k // (32 // bits))
-        if qweight.shape[0] == -(-words // 4) * 4:
-            return bits
-    raise ValueError(f"qweight {tuple(qweight.shape)} does not match in_features {k}")
+def _container_bits(qweight: torch.Tensor, nbits: int, k: int) -> int:
+    """Container width (4 or 8 bits) of ``nbits`` codes, checked against qweight's word rows
+    (``W_pad`` = K / P rounded up to 4 rows, gpu_layout.word_rows)."""
+    bits = 4 if nbits <= 4 else 8
+    words = -(-k // (32 // bits))
+    if qweight.shape[0] != -(-words // 4) * 4:
+        raise ValueError(f"qweight {tuple(qweight.shape)} does not match {nbits}-bit codes of in_features {k}")
+    return bits
 
 
 def sinq_linear(
@@ -601,7 +600,7 @@ def sinq_linear(
     m, k = x.shape
     n = out_features
     n_pad = qweight.shape[1]
-    bits = _container_bits(qweight, k)
+    bits = _container_bits(qweight, nbits, k)
     align = n_pad // blk.shape[0] if blk.shape[0] else 128
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -652,10 +651,10 @@ def sinq_linear(
 
 
 def dequantize_shard(out: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, col_scales: torch.Tensor,
-                     codebook: torch.Tensor | None, group_size: int, shard: int, col0: int) -> torch.Tensor:
+                     codebook: torch.Tensor | None, nbits: int, group_size: int, shard: int, col0: int) -> torch.Tensor:
     """``out[r, :] = (V(Q) - z) * s * t[shard]`` (``out.dtype``) of padded columns ``col0 + r``, r < out rows."""
     rows, k = out.shape
-    bits = _container_bits(qweight, k)
+    bits = _container_bits(qweight, nbits, k)
     bk = dequant_block_k(group_size)
     grid = (triton.cdiv(rows, DEQUANT_BLOCK_N), k // bk)
     _sinq_dequant_kernel[grid](

@@ -44,7 +44,7 @@ def _triton_linear(x, qweight, scales_zeros, col_scales, blk, counters, codebook
     mod = kernel_module(x.device.type)
     if x.shape[0] >= prefill_min_m():
         def dequant(w, shard, col0):
-            mod.dequantize_shard(w, qweight, scales_zeros, col_scales, codebook, group_size, shard, col0)
+            mod.dequantize_shard(w, qweight, scales_zeros, col_scales, codebook, nbits, group_size, shard, col0)
 
         return prefill_linear(x, qweight, col_scales, blk, bias, out_features, shard_offsets, dequant)
     return mod.sinq_linear(x, qweight, scales_zeros, col_scales, blk, counters, codebook, bias, nbits, group_size,
