@@ -71,11 +71,9 @@ def hub(sinq_factory, model_factory, tmp_path_factory):
 
 
 def hub_env(hub: LocalHub, home: Path, offline: bool = False, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", SINQ_AUTO_PATCH="0", **extra)
-    if offline:
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return env
+    flag = "1" if offline else "0"  # explicit: tests/conftest.py sets both to 1 for the whole session
+    return {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1",
+            "SINQ_AUTO_PATCH": "0", "HF_HUB_OFFLINE": flag, "TRANSFORMERS_OFFLINE": flag, **extra}
 
 
 def _snapshot_files(cache: Path, repo_id: str) -> set[str]:
@@ -185,3 +183,83 @@ def test_warm_cache_offline_makes_no_request(frontend):
     assert warm["repoapi@v2"]["nbits"] == [8], warm["repoapi@v2"]
     assert warm["bf16"]["error"] is None and warm["bf16"]["quantization"] is None, warm["bf16"]
     assert "the SINQ sidecar" in warm["sidecar-renamed"]["error"], warm["sidecar-renamed"]
+
+
+# ---- engines: vllm serve on a cold and a warm cache (compiled), LLM(...) with revision + download dir ----------
+def _completion(base: str, prompt: str = "The quick brown fox") -> dict:
+    body = {"model": "tiny-sinq", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 200
+        return json.loads(r.read())
+
+
+def _log_text(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()
+
+
+@pytest.fixture(scope="module")
+def served(hub, tmp_path_factory):
+    """`vllm serve ORG/NAME` (repo-API layout, no flag, vLLM's default compiled engine) on a cold
+    cache, then again offline on the cache it left; the answers and the logs of both."""
+    home = tmp_path_factory.mktemp("serve-hf-home")
+    logs = tmp_path_factory.mktemp("serve-logs")
+    runs = {}
+    for name, offline in (("cold", False), ("warm", True)):
+        first = len(hub.requests)
+        with serve(REPO_API, logs / f"{name}.log", "--no-enforce-eager", env=hub_env(hub, home, offline)) as (
+                base, _, log):
+            runs[name] = (_completion(base), _log_text(log), hub.requests[first:])
+    return runs, home / "hub"
+
+
+def test_serve_by_id_on_a_cold_cache(served):
+    (answer, log, requests), cache = served[0]["cold"], served[1]
+    assert answer["usage"]["completion_tokens"] == 8 and answer["choices"][0]["text"], answer
+    assert "carries a SINQ sidecar meta file: using --quantization sinq" in log
+    assert f"SINQ checkpoint {REPO_API} (revision main): 14 quantized linear modules" in log
+    assert "use the 'cpu' kernel backend" in log and "torch fallback" not in log
+    assert "enforce_eager=False" in log or "Enforce eager set" not in log  # the compiled engine
+    assert any(m == "GET" and p.endswith("/" + SIDECAR) for m, p, s in requests)
+    assert {SIDECAR, INDEX, "model-00001-of-00001.safetensors"} <= _snapshot_files(cache, REPO_API)
+
+
+def test_serve_by_id_offline_on_the_warm_cache(served):
+    runs = served[0]
+    answer, log, requests = runs["warm"]
+    assert requests == [], requests  # HF_HUB_OFFLINE=1: nothing reaches the Hub
+    assert "using --quantization sinq" in log and "14 quantized linear modules" in log
+    assert answer["choices"][0]["text"] == runs["cold"][0]["choices"][0]["text"]  # greedy, same weights
+
+
+_LLM_SCRIPT = '''
+import json, sys
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":
+    kwargs = json.loads(sys.argv[1])
+    llm = LLM(dtype="float32", max_model_len=256, enforce_eager=True, seed=0, **kwargs)
+    out = llm.generate(["The quick brown fox"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    print("ANSWER " + json.dumps(out[0].outputs[0].text), flush=True)
+'''
+
+
+def test_llm_by_id_with_flag_revision_and_download_dir(hub, tmp_path):
+    """LLM(ORG/NAME, quantization="sinq", revision="v2", download_dir=D): every file of branch v2
+    (config aside, which vLLM's front end keeps in HF_HOME) lands in D, and the 8-bit branch is served."""
+    script = tmp_path / "llm_by_id.py"
+    script.write_text(_LLM_SCRIPT)
+    home, download_dir = tmp_path / "hf-home", tmp_path / "download-dir"
+    kwargs = dict(model=REPO_API, quantization="sinq", revision="v2", download_dir=str(download_dir))
+    proc = subprocess.run([sys.executable, str(script), json.dumps(kwargs)], env=hub_env(hub, home),
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("ANSWER "))[7:])
+    summary = next((line for line in out.splitlines() if f"SINQ checkpoint {REPO_API} (revision v2)" in line), "")
+    assert "14 quantized linear modules" in summary and "8-bit g128" in summary and "4-bit" not in summary, summary
+    assert {SIDECAR, INDEX, "model-00001-of-00001.safetensors"} <= _snapshot_files(download_dir, REPO_API)
+    assert not any(n.endswith(".safetensors") for n in _snapshot_files(home / "hub", REPO_API))
