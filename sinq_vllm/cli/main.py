@@ -32,7 +32,7 @@ def _command(subparsers, name: str, func, help: str, description: str) -> argpar
 def add_quantize_parser(subparsers) -> None:
     p = _command(
         subparsers, "quantize", run_quantize,
-        help="quantize a local Hugging Face safetensors model to a SINQ checkpoint",
+        help="quantize a Hugging Face safetensors model (a folder or a Hub id) to a SINQ checkpoint",
         description=(
             "Quantize every nn.Linear except the output head (lm_head, unless --quantize-lm-head) with SINQ and write the "
             "reference SINQ sharded-safetensors layout plus a config.json quantization_config."

@@ -36,11 +36,11 @@ class Switch:
     valid: str  # the valid values, as the error message and the README say them
     read_by: str  # where it acts
     purpose: str
-    check: Callable[[str], None]  # raises SinqConfigError for a bad value
+    check: Callable[[str, str], None]  # (name, value): raises SinqConfigError for a bad value
 
 
-def _choice(name: str, values: tuple[str, ...], case_sensitive: bool = False) -> Callable[[str], None]:
-    def check(value: str) -> None:
+def _choice(values: tuple[str, ...], case_sensitive: bool = False) -> Callable[[str, str], None]:
+    def check(name: str, value: str) -> None:
         v = value.strip() if case_sensitive else value.strip().lower()
         if v not in values:
             raise SinqConfigError(f"{name}={value!r} is not valid; valid values: {', '.join(values)}")
@@ -48,64 +48,58 @@ def _choice(name: str, values: tuple[str, ...], case_sensitive: bool = False) ->
     return check
 
 
-def _count(name: str) -> Callable[[str], None]:
-    def check(value: str) -> None:
-        if not value.strip().isdigit():
-            raise SinqConfigError(f"{name}={value!r} is not valid; valid values: a whole number >= 0")
-
-    return check
+def _count(name: str, value: str) -> None:
+    if not value.strip().isdigit():
+        raise SinqConfigError(f"{name}={value!r} is not valid; valid values: a whole number >= 0")
 
 
-def _folder(name: str) -> Callable[[str], None]:
-    def check(value: str) -> None:
-        if not value.strip():
-            raise SinqConfigError(f"{name} is set but empty; valid values: a folder path (created if missing)")
-        if os.path.exists(value) and not os.path.isdir(value):
-            raise SinqConfigError(f"{name}={value!r} is not valid: it exists and is not a folder; valid values: "
-                                  "a folder path (created if missing)")
-
-    return check
+def _folder(name: str, value: str) -> None:
+    if not value.strip():
+        raise SinqConfigError(f"{name} is set but empty; valid values: a folder path (created if missing)")
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise SinqConfigError(f"{name}={value!r} is not valid: it exists and is not a folder; valid values: "
+                              "a folder path (created if missing)")
 
 
-def _isa_check(value: str) -> None:
-    # the C++ kernel compares exact lower-case names (csrc/cpu/sinq_cpu_kernel.cpp)
-    _choice("SINQ_VLLM_CPU_ISA", ("auto", "avx512bf16", "avx512", "avx2", "scalar"), case_sensitive=True)(value)
+def _jit(kind: str) -> Switch:
+    return Switch(f"SINQ_VLLM_{kind.upper()}_JIT", "1", "0, 1 (also false/true, no/yes)",
+                  "native-extension loader (worker)",
+                  f"allow a one-time JIT build of the {kind.upper()} kernel when the compiled module is missing",
+                  _choice(_JIT))
+
+
+def _skip_ext(kind: str, then: str) -> Switch:
+    return Switch(f"SINQ_VLLM_SKIP_{kind.upper()}_EXT", "0", "0, 1", "pip install (build)",
+                  f"build without the {kind.upper()} kernel ({then})", _choice(_SKIP_EXT))
 
 
 SWITCHES: tuple[Switch, ...] = (
     Switch(BACKEND_ENV, "auto", "auto, cpu, cuda, triton, torch", "kernel selection (worker)",
            "force one kernel backend for every SINQ layer; a forced backend that cannot run a layer is an error",
-           lambda v: requested_backend()),
+           lambda name, value: requested_backend()),
     Switch(ONLINE_ENV, "0", "0/1, or comma-separated nbits=, group_size=, method=sinq|rtn, aux=0|1, routers=0|1, "
            "skip=PATTERN (repeatable)", "front end",
-           "quantize a bf16/fp16 checkpoint with SINQ while loading it", lambda v: options_from_env()),
+           "quantize a bf16/fp16 checkpoint with SINQ while loading it", lambda name, value: options_from_env()),
     Switch("SINQ_VLLM_MOE_KERNEL", "auto", "auto, triton, loop", "MoE layers (worker)",
            "MoE expert kernel: the Triton grouped GEMM (CUDA) or a per-expert loop through the dense backend",
-           _choice("SINQ_VLLM_MOE_KERNEL", ("auto", "triton", "loop"))),
+           _choice(("auto", "triton", "loop"))),
     Switch("SINQ_VLLM_CPU_ISA", "auto", "auto, avx512bf16, avx512, avx2, scalar", "C++ CPU kernel (worker)",
-           "force the instruction set of the CPU kernel (the CPU must support it)", _isa_check),
-    Switch("SINQ_VLLM_CPU_JIT", "1", "0, 1 (also false/true, no/yes)", "native-extension loader (worker)",
-           "allow a one-time JIT build of the CPU kernel when the compiled module is missing",
-           _choice("SINQ_VLLM_CPU_JIT", _JIT)),
-    Switch("SINQ_VLLM_CUDA_JIT", "1", "0, 1 (also false/true, no/yes)", "native-extension loader (worker)",
-           "allow a one-time JIT build of the CUDA kernel when the compiled module is missing",
-           _choice("SINQ_VLLM_CUDA_JIT", _JIT)),
+           # the C++ kernel compares exact lower-case names (csrc/cpu/sinq_cpu_kernel.cpp)
+           "force the instruction set of the CPU kernel (the CPU must support it)",
+           _choice(("auto", "avx512bf16", "avx512", "avx2", "scalar"), case_sensitive=True)),
+    _jit("cpu"),
+    _jit("cuda"),
     Switch("SINQ_VLLM_CACHE", "~/.cache/sinq_vllm", "a folder path (created if missing)",
-           "native-extension loader (worker)", "where JIT-built kernels are cached", _folder("SINQ_VLLM_CACHE")),
+           "native-extension loader (worker)", "where JIT-built kernels are cached", _folder),
     Switch("SINQ_VLLM_TRITON_AUTOTUNE", "0", "0, 1 (also false/true, no/yes, off/on)", "Triton kernels (worker)",
            "autotune the Triton GEMM configs (every candidate is a compilation: slow first start)",
-           _choice("SINQ_VLLM_TRITON_AUTOTUNE", _ON_OFF)),
+           _choice(_ON_OFF)),
     Switch("SINQ_VLLM_TRITON_GEMV_MAX_M", "1", "a whole number >= 0", "Triton kernels (worker)",
-           "largest batch (M) that takes the split-K GEMV path", _count("SINQ_VLLM_TRITON_GEMV_MAX_M")),
+           "largest batch (M) that takes the split-K GEMV path", _count),
     Switch("SINQ_VLLM_TRITON_FACTORED_MAX_M", "64", "a whole number >= 0", "Triton kernels (worker)",
-           "largest M that takes the group-factored tensor-core path (above: the dequantizing GEMM)",
-           _count("SINQ_VLLM_TRITON_FACTORED_MAX_M")),
-    Switch("SINQ_VLLM_SKIP_CPU_EXT", "0", "0, 1", "pip install (build)",
-           "build without the CPU kernel (the torch fallback then serves CPUs, with a warning)",
-           _choice("SINQ_VLLM_SKIP_CPU_EXT", _SKIP_EXT)),
-    Switch("SINQ_VLLM_SKIP_CUDA_EXT", "0", "0, 1", "pip install (build)",
-           "build without the CUDA kernel (the Triton backend then serves GPUs)",
-           _choice("SINQ_VLLM_SKIP_CUDA_EXT", _SKIP_EXT)),
+           "largest M that takes the group-factored tensor-core path (above: the dequantizing GEMM)", _count),
+    _skip_ext("cpu", "the torch fallback then serves CPUs, with a warning"),
+    _skip_ext("cuda", "the Triton backend then serves GPUs"),
 )
 _BY_NAME = {s.name: s for s in SWITCHES}
 
@@ -117,4 +111,4 @@ def check_environment() -> None:
         if switch is None:
             raise SinqConfigError(
                 f"{name} is not a sinq-vllm switch (a typo?); valid names: {', '.join(_BY_NAME)}")
-        switch.check(os.environ[name])
+        switch.check(name, os.environ[name])
