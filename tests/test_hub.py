@@ -184,6 +184,37 @@ def test_warm_cache_offline_makes_no_request(frontend):
     assert "the SINQ sidecar" in warm["sidecar-renamed"]["error"], warm["sidecar-renamed"]
 
 
+# ---- sinq-vllm inspect / quantize with Hub ids ------------------------------------------------------
+def _cli(hub, home, *args, offline=False):
+    return subprocess.run([str(SINQ_CLI), *args], env=hub_env(hub, home, offline), capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_inspect_and_quantize_take_hub_ids(hub, tmp_path):
+    home = tmp_path / "hf-home"
+    first = len(hub.requests)
+    proc = _cli(hub, home, "inspect", REPO_API, "--revision", "v2", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["servable"] and report["path"] == f"{REPO_API} (revision v2)", report["reasons"]
+    assert report["kinds"] and all(k.startswith("8-bit") for k in report["kinds"]), report["kinds"]
+    assert all(b == "cpu" for d in report["backends"].values() for b in d.values()), report["backends"]
+    # the shard headers came from the Hub by range requests; the weights were not downloaded
+    assert any(m == "GET" and s == 206 and p.startswith("/cdn/") for m, p, s in hub.requests[first:])
+    assert "model-00001-of-00001.safetensors" not in _snapshot_files(home / "hub", REPO_API)
+
+    proc = _cli(hub, home, "inspect", REPO_API, "--revision", "v2", offline=True)  # headers not cached
+    assert proc.returncode == 1 and "HF_HUB_OFFLINE=1" in proc.stdout, proc.stdout + proc.stderr
+
+    proc = _cli(hub, home, "inspect", "sinq-org/gated")
+    assert proc.returncode == 2 and "sinq-org/gated is a gated repository (HTTP 401)" in proc.stderr, proc.stderr
+
+    out = tmp_path / "quantized"
+    proc = _cli(hub, home, "quantize", BF16, str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "14 quantized Linear layers" in proc.stdout and (out / SIDECAR).is_file(), proc.stdout
+
+
 # ---- engines: vllm serve on a cold and a warm cache (compiled), LLM(...) with revision + download dir ----------
 def _completion(base: str, prompt: str = "The quick brown fox") -> dict:
     body = {"model": "tiny-sinq", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
