@@ -81,21 +81,23 @@ class LocatedCheckpoint:
         return None  # a local folder: read_layer_metas says it, with the path
 
 
-def locate_checkpoint(model: str, revision: str | None = None, cache_dir: str | None = None) -> LocatedCheckpoint:
+def locate_checkpoint(model: str, revision: str | None = None, cache_dir: str | None = None,
+                      token: bool | str | None = None) -> LocatedCheckpoint:
     """A local folder as is; a Hub id: its config, index and sidecar fetched into the cache
     (``cache_dir``, default the Hugging Face cache) at ``revision`` (format/hub.py)."""
     if os.path.isdir(model) or not is_hub_id(model):
         return LocatedCheckpoint(model, model if os.path.isdir(model) else None)
-    files = fetch_metadata(model, revision, cache_dir)
+    files = fetch_metadata(model, revision, cache_dir, token=token)
     return LocatedCheckpoint(model, files.folder, files)
 
 
-def has_sinq_sidecar(model: str, revision: str | None = None, cache_dir: str | None = None) -> bool:
+def has_sinq_sidecar(model: str, revision: str | None = None, cache_dir: str | None = None,
+                     token: bool | str | None = None) -> bool:
     """Whether ``model`` (a folder or Hub id) is a SINQ checkpoint by its sidecar.
 
     A checkpoint whose tensors are SINQ codes but whose sidecar is missing (renamed, not
     uploaded, or offline and not cached) is an error, never a silent "no"."""
-    located = locate_checkpoint(model, revision, cache_dir)
+    located = locate_checkpoint(model, revision, cache_dir, token)
     if located.sidecar == "present":
         return True
     if located.has_sinq_codes():

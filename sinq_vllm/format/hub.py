@@ -47,6 +47,7 @@ class HubFiles:
     repo_id: str
     revision: str | None
     cache_dir: str | None  # None: the Hugging Face cache
+    token: bool | str | None  # None: huggingface_hub's own lookup (HF_TOKEN, `hf auth login`)
     folder: str | None  # the cache snapshot holding the fetched files (None: nothing fetched)
     present: frozenset[str]
     absent: frozenset[str]  # the repository has no such file at this revision
@@ -58,7 +59,7 @@ class HubFiles:
 
 
 def fetch_metadata(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
-                   files: tuple[str, ...] = METADATA_FILES) -> HubFiles:
+                   files: tuple[str, ...] = METADATA_FILES, token: bool | str | None = None) -> HubFiles:
     """Download ``files`` of Hub repository ``repo_id`` (cached copies are reused; offline,
     only the cache is read). Raises :class:`SinqCheckpointError` for anything but "absent"."""
     from huggingface_hub import constants, hf_hub_download
@@ -66,7 +67,7 @@ def fetch_metadata(repo_id: str, revision: str | None = None, cache_dir: str | N
     present, absent, unknown = {}, set(), set()
     for name in files:
         try:
-            present[name] = hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir)
+            present[name] = hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir, token=token)
         except Exception as e:  # noqa: BLE001 - every huggingface_hub failure is classified below
             outcome = _classify(e, repo_id, name, revision, cache_dir, constants.HF_HUB_OFFLINE)
             (absent if outcome == "absent" else unknown).add(name)
@@ -76,7 +77,8 @@ def fetch_metadata(repo_id: str, revision: str | None = None, cache_dir: str | N
         folder = os.path.dirname(path)
         if os.path.basename(path) != name:  # never: hf_hub_download keeps the repo's file name
             folder = None
-    return HubFiles(repo_id, revision, cache_dir, folder, frozenset(present), frozenset(absent), frozenset(unknown))
+    return HubFiles(repo_id, revision, cache_dir, token, folder, frozenset(present), frozenset(absent),
+                    frozenset(unknown))
 
 
 def repo_files(files: HubFiles) -> set[str] | None:
@@ -86,7 +88,7 @@ def repo_files(files: HubFiles) -> set[str] | None:
     if constants.HF_HUB_OFFLINE:
         return None
     try:
-        return set(HfApi().list_repo_files(files.repo_id, revision=files.revision))
+        return set(HfApi().list_repo_files(files.repo_id, revision=files.revision, token=files.token))
     except Exception as e:  # noqa: BLE001
         _classify(e, files.repo_id, "the file list", files.revision, files.cache_dir, False)
         return None  # no network: the worker's download reports it
@@ -196,7 +198,8 @@ def shard_headers(files: HubFiles, shard: str) -> dict:
         raise SinqCheckpointError(f"{files.where}: shard {shard} is not in the local cache and HF_HUB_OFFLINE=1 "
                                   "forbids reading its header from the Hub")
     try:
-        meta = HfApi().parse_safetensors_file_metadata(files.repo_id, shard, revision=files.revision)
+        meta = HfApi().parse_safetensors_file_metadata(files.repo_id, shard, revision=files.revision,
+                                                       token=files.token)
     except SafetensorsParsingError as e:
         raise SinqCheckpointError(f"{files.where}: {shard} is not a valid safetensors file: {_one_line(e)}") from None
     except Exception as e:  # noqa: BLE001

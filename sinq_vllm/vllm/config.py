@@ -27,7 +27,7 @@ from ..format.validation import validate_checkpoint
 from ..log import get_logger
 from .compat import LinearBase, ParallelLMHead, QuantizationConfig, UnquantizedLinearMethod, weights_mapper
 from .linear import SinqLinearMethod
-from .model_source import download_dir
+from .model_source import download_dir, hf_token
 from .options import check_environment
 from .lm_head import SinqLMHeadMethod
 from .online import OnlineOptions, SinqOnlineLinearMethod, options_from_config, options_from_env
@@ -112,7 +112,7 @@ class SinqConfig(QuantizationConfig):
         check_environment()
         # a Hub id: its config, index and sidecar are fetched into --download-dir's cache at
         # `revision` (format/hub.py); the worker downloads the weights later
-        located = locate_checkpoint(model_name, revision, download_dir())
+        located = locate_checkpoint(model_name, revision, download_dir(), hf_token())
         local = located.folder
         if located.sidecar != "present":
             self.online = self.online or options_from_env()

@@ -8,7 +8,7 @@ from ..format.checkpoint import has_sinq_sidecar
 from ..log import get_logger
 from .compat import check_vllm_version, engine_args_class, model_config_class, register_quantization_config
 from .config import QUANT_METHOD, SinqConfig
-from .model_source import download_dir, engine_download_dir
+from .model_source import download_dir, engine_source, hf_token
 
 logger = get_logger(__name__)
 
@@ -16,7 +16,7 @@ logger = get_logger(__name__)
 def register_with_vllm() -> None:
     check_vllm_version(logger)
     register_quantization_config(QUANT_METHOD)(SinqConfig)
-    _publish_download_dir()
+    _publish_model_source()
     _detect_sidecar_only_checkpoints()
 
 
@@ -29,13 +29,13 @@ def _wrap_once(cls, name: str, make):
     setattr(cls, name, wrapper)
 
 
-def _publish_download_dir() -> None:
-    """``--download-dir`` for the Hub downloads of detection and ``maybe_update_config``
-    (vllm/model_source.py): both run inside ``EngineArgs.create_engine_config``."""
+def _publish_model_source() -> None:
+    """``--download-dir`` and ``--hf-token`` for the Hub downloads of detection and
+    ``maybe_update_config`` (vllm/model_source.py): both run inside ``EngineArgs.create_engine_config``."""
 
     def make(original):
         def create_engine_config(self, *args, **kwargs):
-            with engine_download_dir(getattr(self, "download_dir", None)):
+            with engine_source(getattr(self, "download_dir", None), getattr(self, "hf_token", None)):
                 return original(self, *args, **kwargs)
 
         return create_engine_config
@@ -59,7 +59,7 @@ def _detect_sidecar_only_checkpoints() -> None:
             if (
                 self.quantization is None
                 and getattr(self.model_arch_config, "quantization_config", None) is None
-                and has_sinq_sidecar(self.model, getattr(self, "revision", None), download_dir())
+                and has_sinq_sidecar(self.model, getattr(self, "revision", None), download_dir(), hf_token())
             ):
                 logger.info("%s carries a SINQ sidecar meta file: using --quantization sinq", self.model)
                 self.quantization = QUANT_METHOD
