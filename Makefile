@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sinq-env-stamp
 ENV_INPUTS := requirements/cpu.txt requirements/test.txt requirements/reference.txt requirements/assets.txt scripts/setup_env.sh \
-              setup.py build_ext_config.py $(wildcard csrc/cpu/*)
+              setup.py build_ext_config.py build_backend.py pyproject.toml $(wildcard csrc/cpu/*)
 
 .PHONY: env demo test bench bench-gemma clean-env
 

@@ -1,8 +1,10 @@
 """Native extensions of sinq-vllm, kept out of setup.py so it stays readable.
 
 One function per extension; ``get_ext_modules()`` collects the ones this machine can
-build. With none available the package installs pure-Python and selects the torch
-backend; the Python code reports clearly when a backend it was asked for is missing.
+build. The CPU kernel is required on Linux: without torch in the build environment the
+build fails with the fix (``pip install .`` gets torch from build_backend.py, pinned to the
+target environment's version) rather than install a wheel that silently serves the slow
+torch fallback; ``SINQ_VLLM_SKIP_CPU_EXT=1`` opts out.
 
 * ``sinq_vllm._C_cpu`` (:func:`cpu_extension`): the CPU kernel of the SINQ linear op,
   ``csrc/cpu/*.cpp``. Built for the baseline x86-64 target; the AVX-512/AVX512_BF16 and
@@ -33,14 +35,11 @@ _SKIP_CPU_ENV = "SINQ_VLLM_SKIP_CPU_EXT"
 
 
 def _torch_cpp_extension():
+    """torch's cpp_extension, or None without torch (pip's metadata hooks run before the build
+    requirements are installed; the CPU extension reports a real build without torch itself)."""
     try:
         from torch.utils import cpp_extension  # noqa: PLC0415
     except ImportError:
-        warnings.warn(
-            "sinq-vllm: torch is not installed at build time, so the native kernels are not built "
-            "(install torch first and build with --no-build-isolation)",
-            stacklevel=2,
-        )
         return None
     return cpp_extension
 
@@ -63,12 +62,31 @@ def cpu_compile_args() -> tuple[list[str], list[str]]:
     return cflags, ldflags
 
 
+_NO_TORCH_FIX = (
+    "sinq-vllm: the CPU kernel is a torch C++ extension, but torch is not importable in the build environment. "
+    "Use `pip install .` (sinq-vllm's build backend, build_backend.py, then puts the torch version of your "
+    "environment into pip's isolated build), or install torch first and run `pip install --no-build-isolation .`; "
+    f"{_SKIP_CPU_ENV}=1 installs without the kernel (the torch fallback then serves CPUs, several times slower, "
+    "with a warning)"
+)
+
+
+def _skip_cpu_extension() -> bool:
+    value = os.environ.get(_SKIP_CPU_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise SystemExit(f"sinq-vllm: {_SKIP_CPU_ENV}={value!r} is not valid; valid values: 0, 1")
+    return value == "1"
+
+
 def cpu_extension():
-    """The CPU kernel extension ``sinq_vllm._C_cpu``, or None when it cannot be built."""
-    if os.environ.get(_SKIP_CPU_ENV, "0") not in ("", "0"):
-        return None
-    cpp_extension = _torch_cpp_extension()
-    if cpp_extension is None:
+    """The CPU kernel extension ``sinq_vllm._C_cpu``, or None when it is not built here.
+
+    Without torch at build time (on Linux, where the kernel is built) this is a placeholder
+    that makes ``build_ext`` fail with the fix (:data:`_NO_TORCH_FIX`): a wheel without its
+    kernel would silently serve the slow torch fallback. Metadata-only steps (``egg_info``,
+    pip's ``get_requires_*`` hooks, which run before torch is installed) still work.
+    """
+    if _skip_cpu_extension():
         return None
     if platform.system() != "Linux":
         warnings.warn("sinq-vllm: the CPU kernel is only built on Linux", stacklevel=2)
@@ -76,6 +94,12 @@ def cpu_extension():
     sources = sorted(glob.glob(os.path.join(CPU_SOURCES_DIR, "*.cpp"), root_dir=ROOT))
     if not sources:
         return None
+    try:
+        from torch.utils import cpp_extension  # noqa: PLC0415
+    except ImportError:
+        from setuptools import Extension  # noqa: PLC0415
+
+        return Extension("sinq_vllm._C_cpu", sources=sources)  # built by _NoTorchBuildExt: fails with the fix
     cflags, ldflags = cpu_compile_args()
     return cpp_extension.CppExtension(
         name="sinq_vllm._C_cpu",
@@ -154,5 +178,12 @@ def get_cmdclass():
     try:
         from torch.utils.cpp_extension import BuildExtension  # noqa: PLC0415
     except ImportError:
-        return {}
+        from setuptools.command.build_ext import build_ext  # noqa: PLC0415
+
+        class _NoTorchBuildExt(build_ext):
+            def run(self):
+                if self.extensions:
+                    raise SystemExit(_NO_TORCH_FIX)
+
+        return {"build_ext": _NoTorchBuildExt}
     return {"build_ext": BuildExtension}

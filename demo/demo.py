@@ -5,8 +5,10 @@ Steps
      folder (cached).
   2. Quantize it with SINQ (4-bit, group 64, quantAux) into a checkpoint in the reference
      on-disk format (cached).
-  3. Load the SINQ checkpoint in vLLM, answer a few chat prompts greedily, then do the same
-     with the bf16 model (one engine at a time).
+  3. Load the SINQ checkpoint in vLLM (its default compiled engine, as ``vllm serve``), answer
+     a few chat prompts through the model's chat template with the model's generation
+     defaults (``generation_config.json``, read by ``LLM.get_default_sampling_params()``),
+     then do the same with the bf16 model (one engine at a time).
   4. Print the answers, checkpoint size on disk, decode tokens/s (batch 1) and the resident
      memory of the engine process, SINQ vs bf16.
 
@@ -41,11 +43,22 @@ def _ensure_importable() -> None:
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
-    "What is 2+2?",
     "Name three primary colors.",
+    "Give me one tip for staying healthy.",
 ]
 
 SINQ_SETTINGS = dict(nbits=4, group_size=64, method="sinq", aux=True)
+#: The generation defaults the demo gives SmolLM2-135M-Instruct: its model card's sampling
+#: (temperature 0.2, top_p 0.9) plus repetition_penalty 1.1. The GGUF it ships as carries no
+#: generation defaults, so the demo writes these into both folders' generation_config.json,
+#: where vLLM (and Transformers) read a model's defaults; the seed makes the answers
+#: reproducible. Why the penalty: a 135M model is brittle. Measured with eager engines, 64 tokens
+#: (2026-12-02): greedy, SINQ 4-bit loops on "What is 2+2?" ("2 + 2 = 2 + 2 = ...") where bf16
+#: answers 4; with the model card's sampling alone bf16 loops too ("la femme, la femme, ..."
+#: on the capital of France); with the penalty neither loops on any prompt, and neither gets
+#: the arithmetic right any more, so the demo asks questions a 135M model can answer.
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
+SEED = 0
 QUANT_MARKER = ".sinq_demo_quantized.json"
 SIDECAR = "model.safetensors.index.json.meta.json"
 
@@ -160,13 +173,22 @@ def step_quantize(src: Path, work: Path) -> Path | None:
     return out
 
 
+def ensure_generation_defaults(model_dir: Path) -> None:
+    """Put GENERATION_DEFAULTS into ``model_dir/generation_config.json`` (kept otherwise)."""
+    path = model_dir / "generation_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    if any(cfg.get(k) != v for k, v in GENERATION_DEFAULTS.items()):
+        cfg.update(GENERATION_DEFAULTS)
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def run_engine(label: str, model_dir: Path, args, quantization: str | None) -> dict:
     """Start one vLLM engine, answer the prompts, time batch-1 decode, shut it down."""
     from vllm import LLM, SamplingParams
 
     log(f"\n=== {label}: loading {model_dir} in vLLM ===")
     kw = dict(model=str(model_dir), tokenizer=str(model_dir), dtype="bfloat16",
-              max_model_len=1024, enforce_eager=True, seed=0,
+              max_model_len=1024, enforce_eager=args.eager, seed=SEED,
               gpu_memory_utilization=args.gpu_memory_utilization)
     if quantization:
         kw["quantization"] = quantization
@@ -175,10 +197,13 @@ def run_engine(label: str, model_dir: Path, args, quantization: str | None) -> d
     load_s = time.perf_counter() - t0
     res: dict = {"label": label, "load_s": load_s}
     try:
-        greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+        # the model's own defaults (generation_config.json), plus the answer length and a seed
+        sampling = llm.get_default_sampling_params()
+        sampling.max_tokens, sampling.seed = args.max_tokens, SEED
+        res["sampling"] = {k: getattr(sampling, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
         convs = [[{"role": "user", "content": p}] for p in PROMPTS]
         t0 = time.perf_counter()
-        outs = llm.chat(convs, greedy, use_tqdm=False)
+        outs = llm.chat(convs, sampling, use_tqdm=False)  # the model's chat template
         res["answers_s"] = time.perf_counter() - t0
         res["answers"] = [o.outputs[0].text.strip() for o in outs]
 
@@ -217,7 +242,8 @@ def shutdown(llm) -> None:
 
 def print_report(results: list[dict], sizes: dict[str, int]) -> None:
     for r in results:
-        log(f"\n--- answers: {r['label']} ---")
+        log(f"\n--- answers: {r['label']} (chat template; sampling from generation_config.json: "
+            + ", ".join(f"{k}={v}" for k, v in r["sampling"].items()) + f", seed {SEED}) ---")
         for p, a in zip(PROMPTS, r["answers"]):
             a1 = " ".join(a.split())
             log(f"Q: {p}\nA: {a1[:300]}{'...' if len(a1) > 300 else ''}")
@@ -263,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64,
                     help="answer length and timed decode tokens (default 64)")
     ap.add_argument("--repeats", type=int, default=2, help="timed decode repeats (best of)")
+    ap.add_argument("--eager", action="store_true",
+                    help="vLLM --enforce-eager (faster start, slower decode); default: the compiled engine")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                     help="vLLM gpu_memory_utilization (ignored on CPU)")
     ap.add_argument("--dir", default=os.environ.get("SINQ_DEMO_DIR", str(REPO / "artifacts")),
@@ -286,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
 
     bf16_dir = step_convert(work)
     sinq_dir = None if args.skip_sinq else step_quantize(bf16_dir, work)
+    for folder in (bf16_dir, sinq_dir):
+        if folder is not None:
+            ensure_generation_defaults(folder)
     sizes = {"bf16": dir_size(bf16_dir)}
     if sinq_dir is not None:
         sizes["sinq"] = dir_size(sinq_dir)

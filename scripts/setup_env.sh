@@ -40,3 +40,6 @@ fi
 # The package itself, editable, built against the torch installed above.
 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 "$PY" -c "import sinq_vllm, vllm, transformers; print('environment ok: vllm', vllm.__version__, 'transformers', transformers.__version__)"
+# The native CPU kernel must have been built and load (no silent torch fallback): doctor
+# exits 1, with the reason and the fix, when SINQ layers would run on the torch fallback.
+SINQ_VLLM_CPU_JIT=0 "$VENV/bin/sinq-vllm" doctor

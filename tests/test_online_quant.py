@@ -2,7 +2,8 @@
 
 Oracle: the offline quantizer on the same weights (no quantAux, as online defaults),
 dequantized into Transformers. With tp=1 both quantize the same bf16 values, so the
-tolerance is the one of test_vllm_models (1e-3 in log-probability)."""
+tolerance is the one of test_vllm_models (1e-3 in log-probability). The engine is vLLM's
+default compiled one."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_online_engine_matches_offline_quantization(model_factory, sinq_factory)
     with torch.no_grad():
         ref_lp = [torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1) for ids in ids_list]
     overrides = {"quantization_config": {"quant_method": "sinq", "online": True, "nbits": 4, "group_size": 64}}
-    with vllm_engine(bf16, dtype="float32", hf_overrides=overrides) as llm:
+    with vllm_engine(bf16, dtype="float32", hf_overrides=overrides, enforce_eager=False) as llm:  # compiled
         lp, _ = _vllm_outputs(llm, ids_list)
         mem = llm.apply_model(sinq_weight_bytes)[0]
     diff = _max_logprob_diff(ids_list, lp, ref_lp)

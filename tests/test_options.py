@@ -30,6 +30,7 @@ import torch
 
 from conftest import vllm_engine
 from sinq_vllm.errors import SinqConfigError
+from sinq_vllm.format.names import SIDECAR_NAME
 
 SINQ_CLI = Path(sys.executable).parent / "sinq-vllm"
 
@@ -155,3 +156,79 @@ def test_auto_map_module_never_runs(ckpt, model_factory, tmp_path, monkeypatch):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not marker.exists(), "sinq-vllm quantize executed code named by config.json auto_map"
+
+
+# ---- every SINQ_VLLM_* switch: one table, checked in the front end, documented in the README -------
+def _switch_names_in_source() -> set[str]:
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    files = [*root.joinpath("sinq_vllm").rglob("*.py"), *root.joinpath("triton_kernels").rglob("*.py"),
+             *root.joinpath("csrc").rglob("*.cpp"), *root.joinpath("csrc").rglob("*.cu"), root / "build_ext_config.py"]
+    names = set()
+    for f in files:
+        names |= set(re.findall(r"\bSINQ_VLLM_[A-Z0-9_]*[A-Z0-9]\b", f.read_text()))
+    return names
+
+
+def test_every_switch_is_in_the_table_and_the_readme():
+    from sinq_vllm.vllm.options import SWITCHES
+
+    table = {s.name for s in SWITCHES}
+    # SINQ_VLLM_<KIND>_JIT is spelled as a pattern in kernels/native.py: its instances are in the table
+    assert _switch_names_in_source() <= table, _switch_names_in_source() - table
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in table), [n for n in table if f"`{n}`" not in readme]
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("SINQ_VLLM_BACKEND", "gpu", "valid values: auto, cpu, cuda, triton, torch"),
+    ("SINQ_VLLM_ONLINE", "bits=4", "keys nbits, group_size, method, aux, skip, routers"),
+    ("SINQ_VLLM_ONLINE", "aux=maybe", "valid values: 1, true, yes, on, 0, false, no, off"),
+    ("SINQ_VLLM_MOE_KERNEL", "fused", "valid values: auto, triton, loop"),
+    ("SINQ_VLLM_CPU_ISA", "AVX2", "valid values: auto, avx512bf16, avx512, avx2, scalar"),
+    ("SINQ_VLLM_CPU_JIT", "off", "valid values: 0, 1, false, true, no, yes"),
+    ("SINQ_VLLM_CUDA_JIT", "never", "valid values: 0, 1, false, true, no, yes"),
+    ("SINQ_VLLM_CACHE", __file__, "it exists and is not a folder"),
+    ("SINQ_VLLM_TRITON_AUTOTUNE", "2", "valid values: 0, 1, false, true, no, yes, on, off"),
+    ("SINQ_VLLM_TRITON_GEMV_MAX_M", "one", "valid values: a whole number >= 0"),
+    ("SINQ_VLLM_TRITON_FACTORED_MAX_M", "-1", "valid values: a whole number >= 0"),
+    ("SINQ_VLLM_SKIP_CPU_EXT", "yes", "valid values: 0, 1"),
+    ("SINQ_VLLM_SKIP_CUDA_EXT", "true", "valid values: 0, 1"),
+    ("SINQ_VLLM_BAKCEND", "cpu", "is not a sinq-vllm switch (a typo?); valid names: SINQ_VLLM_BACKEND, "),
+])
+def test_bad_switch_values_list_the_valid_ones(monkeypatch, name, value, expected):
+    from sinq_vllm.vllm.options import check_environment
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SinqConfigError) as info:
+        check_environment()
+    assert expected in str(info.value), str(info.value)
+
+
+def test_switch_defaults_are_valid(monkeypatch):
+    from sinq_vllm.vllm.options import SWITCHES, check_environment
+
+    for switch in SWITCHES:
+        monkeypatch.setenv(switch.name, switch.default)
+    check_environment()
+
+
+# ---- online quantization keeps what the offline quantizer keeps ------------------------------------
+def test_online_defaults_match_offline(model_factory, sinq_factory):
+    """On a tiny Qwen3-MoE: the non-expert linear modules that online SINQ quantizes (LinearBase
+    layers only, never the head: vLLM's ParallelLMHead is not one) are exactly those that
+    `sinq-vllm quantize` quantizes by default, and with the same skip pattern too."""
+    from sinq_vllm.quantizer.model import model_skeleton
+    from sinq_vllm.vllm.online import OnlineOptions
+
+    moe = dict(num_hidden_layers=3, mlp_only_layers=[1])
+    skel = model_skeleton(model_factory("qwen3_moe", **moe))
+    linears = [n for n in [*skel.linears, *skel.routers] if n != skel.output_module]
+    for skip in ((), ("q_proj",)):
+        sidecar = json.loads((sinq_factory("qwen3_moe", skip=skip, **moe) / SIDECAR_NAME).read_text())
+        offline = {n for n in sidecar if ".experts." not in n}
+        online = {n for n in linears if not OnlineOptions(skip=skip).keeps(n)}
+        assert online == offline, (online ^ offline)
+    assert OnlineOptions().keeps("model.layers.0.mlp.gate") and OnlineOptions().keeps("model.layers.0.mlp.shared_expert_gate")
+    assert not OnlineOptions(routers=True).keeps("model.layers.0.mlp.gate")

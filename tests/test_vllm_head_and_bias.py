@@ -1,7 +1,9 @@
 """What Transformers' SinqConfig path writes, reproduced on our own checkpoint:
 a SINQ-quantized ``lm_head`` (served packed) and Linear biases missing from the
 checkpoint although the config has them (zeroed with a warning, as the model that wrote
-the checkpoint computes). One float32 engine; same tolerances as test_vllm_models."""
+the checkpoint computes). One float32 engine, vLLM's default compiled one (eager quantized
+heads: test_model_coverage's Gemma3, test_ecosystem_checkpoints); same tolerances as
+test_vllm_models."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def test_quantized_head_and_missing_biases(sinq_factory, tmp_path):
     with torch.no_grad():
         for ids in ids_list:
             ref_lp.append(torch.log_softmax(ref_model(torch.tensor([ids])).logits[0].float(), -1))
-    with vllm_engine(ckpt, dtype="float32") as llm:
+    with vllm_engine(ckpt, dtype="float32", enforce_eager=False) as llm:  # vLLM's default compiled engine
         lp, _ = _vllm_outputs(llm, ids_list)
     diff = _max_logprob_diff(ids_list, lp, ref_lp)
     print(f"qwen2 with quantized lm_head and dropped biases: max |logprob diff| = {diff:.3g}")

@@ -1,7 +1,10 @@
-"""``sinq-vllm inspect DIR``: what a SINQ checkpoint holds and whether sinq-vllm can serve it.
+"""``sinq-vllm inspect DIR|ORG/NAME``: what a SINQ checkpoint holds and whether sinq-vllm can serve it.
 
 Reads only JSON files and safetensors headers (never tensor data, never a pickle), so it
-is instant on any model size. Reported:
+is instant on any model size. A Hub id is read from the Hub (or the local cache) at the
+given revision: its JSON files are fetched like vLLM's front end fetches them
+(format/hub.py), the shard headers with HTTP range requests unless the shards are cached.
+Reported:
 
 * the format (sharded safetensors + sidecar; a reference ``qmodel.pt`` that needs
   ``sinq-vllm convert`` first), who wrote it (``quantization_config`` present or not)
@@ -13,8 +16,10 @@ is instant on any model size. Reported:
 * bytes of codes, of scales/zeros/column scales and of everything else, the total, and
   the model's estimated size in bf16 (every quantized weight at 2 bytes, every other
   floating tensor at 2 bytes);
-* the verdict: servable, or the reasons why not (the unsupported layers and the first
-  error of the same front-end validation vLLM runs before loading).
+* the kernel backend each kind of layer would use on this machine (cli/doctor.py);
+* the verdict: servable, or the reasons why not (the unsupported layers, tensors whose
+  dtype or shape does not match the sidecar, and the first error of the same front-end
+  validation vLLM runs before loading).
 """
 
 from __future__ import annotations
@@ -25,12 +30,21 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from ..errors import SinqCheckpointError, SinqError
-from ..format.checkpoint import shard_files
+from ..format.checkpoint import (
+    check_sidecar_matches_tensors,
+    json_keys_have_legacy_prefix,
+    locate_checkpoint,
+    read_layer_metas,
+    shard_files,
+)
+from ..format.hub import shard_headers
 from ..format.layer_meta import LayerMeta
 from ..format.names import LEGACY_PREFIX, SIDECAR_NAME, is_legacy_prefixed, strip_legacy_prefix
 from ..format.packing import planar_rows
 from ..format.safetensors_io import FLOAT_ST_DTYPES, HeaderEntry, read_header, read_json
-from ..format.validation import validate_model_dir
+from ..format.tensor_specs import expected_tensor_specs
+from ..format.validation import validate_checkpoint, validate_model_dir
+from .doctor import LayerKind, backends_for, devices
 
 
 @dataclass
@@ -69,6 +83,7 @@ class InspectReport:
     total_bytes: int = 0
     bf16_bytes: int = 0
     bits_per_weight: float | None = None  # (codes + scales) per quantized weight
+    backends: dict[str, dict[str, str]] = field(default_factory=dict)  # "cpu 4-bit g64" -> {dtype: backend}
     servable: bool = False
     reasons: list[str] = field(default_factory=list)
 
@@ -76,10 +91,11 @@ class InspectReport:
         return asdict(self)
 
 
-def _headers(model_dir: str) -> dict[str, HeaderEntry]:
+def _headers(model_dir: str, hub=None) -> dict[str, HeaderEntry]:
     entries: dict[str, HeaderEntry] = {}
     for fname in shard_files(model_dir):
-        entries.update(read_header(os.path.join(model_dir, fname)).entries)
+        entries.update(shard_headers(hub, fname) if hub is not None else
+                       read_header(os.path.join(model_dir, fname)).entries)
     return entries
 
 
@@ -100,12 +116,18 @@ def _parse_metas(model_dir: str, raw: dict, report: InspectReport) -> dict[str, 
     return metas
 
 
-def inspect_checkpoint(model_dir: str) -> InspectReport:
-    """Everything ``sinq-vllm inspect`` reports, as a dataclass (``to_json()`` for a dict)."""
-    model_dir = str(model_dir)
-    if not os.path.isdir(model_dir):
-        raise SinqCheckpointError(f"{model_dir}: not a folder")
-    report = InspectReport(path=model_dir, format="not-sinq")
+def inspect_checkpoint(model: str, revision: str | None = None, cache_dir: str | None = None) -> InspectReport:
+    """Everything ``sinq-vllm inspect`` reports, as a dataclass (``to_json()`` for a dict).
+
+    ``model``: a checkpoint folder, or a Hub id (``revision``, ``cache_dir`` as for vLLM)."""
+    model = str(model)
+    located = locate_checkpoint(model, revision, cache_dir)
+    if located.hub is None and not os.path.isdir(model):
+        raise SinqCheckpointError(f"{model}: not a folder (nor a Hugging Face Hub model id)")
+    if located.hub is not None and located.folder is None:
+        raise SinqCheckpointError(f"{located.where}: no config.json, index or SINQ sidecar in the repository")
+    model_dir = located.folder
+    report = InspectReport(path=located.where if located.hub else model_dir, format="not-sinq")
     cfg_path = os.path.join(model_dir, "config.json")
     if os.path.isfile(cfg_path):
         try:
@@ -118,6 +140,9 @@ def inspect_checkpoint(model_dir: str) -> InspectReport:
     else:
         report.reasons.append(f"{cfg_path} is missing (vLLM needs the model config)")
 
+    if located.hub is not None and located.sidecar != "present":
+        report.reasons.append(located.sidecar_problem())
+        return report
     sidecar = os.path.join(model_dir, SIDECAR_NAME)
     if not os.path.isfile(sidecar):
         pts = sorted(f for f in os.listdir(model_dir) if f.endswith(".pt"))
@@ -152,12 +177,13 @@ def inspect_checkpoint(model_dir: str) -> InspectReport:
         return report
     metas = _parse_metas(model_dir, raw, report)
     try:
-        entries = _headers(model_dir)
+        entries = _headers(model_dir, located.hub)
     except SinqCheckpointError as e:
         report.reasons.append(f"cannot read the safetensors headers: {e}")
         entries = {}
     _account(report, metas, entries)
-    _verdict(report, model_dir)
+    _kernels_here(report, metas)
+    _verdict(report, model_dir, located.hub is not None)
     return report
 
 
@@ -169,6 +195,8 @@ def _account(report: InspectReport, metas: dict[str, LayerMeta], entries: dict[s
                          group_size=meta.group_size, declared_group_size=meta.declared_group_size,
                          method=meta.method, aux=meta.aux, tiling=meta.tiling, packing=meta.packing,
                          problem=meta.unsupported_reason())
+        if entries and info.problem is None:  # names as stored (legacy prefix included)
+            info.problem = _tensor_problem(name, meta, entries)
         for key, entry in entries.items():
             if not key.startswith(name + "."):
                 continue
@@ -218,7 +246,33 @@ def _merged_groups(names) -> list[list[str]]:
     return groups
 
 
-def _verdict(report: InspectReport, model_dir: str) -> None:
+def _tensor_problem(module: str, meta: LayerMeta, entries: dict[str, HeaderEntry]) -> str | None:
+    """What is wrong with the stored tensors of one SINQ module (format/tensor_specs.py), or None."""
+    for key, spec in expected_tensor_specs(meta).items():
+        entry = entries.get(f"{module}.{key}")
+        if entry is None:
+            if spec.required:
+                return f"tensor '{module}.{key}' is missing ({spec.what})"
+            continue
+        problem = spec.problem(entry.torch_dtype, entry.shape)
+        if problem:
+            return f"tensor '{module}.{key}' {problem}"
+    return None
+
+
+def _kernels_here(report: InspectReport, metas: dict[str, LayerMeta]) -> None:
+    """The kernel backend of each kind of layer of this checkpoint on this machine."""
+    first: dict[tuple, LayerMeta] = {}
+    for meta in metas.values():
+        if meta.unsupported_reason() is None:
+            first.setdefault((meta.nbits, meta.group_size), meta)
+    for (nbits, group), meta in sorted(first.items()):
+        kind = LayerKind(f"{nbits}-bit g{group}", nbits, group, (meta.out_features,), meta.in_features)
+        for device in devices():
+            report.backends[f"{device.type} {kind.label}"] = backends_for(kind, device).dtypes
+
+
+def _verdict(report: InspectReport, model_dir: str, hub: bool = False) -> None:
     bad = [layer for layer in report.layers if layer.problem]
     for layer in bad[:5]:
         report.reasons.append(f"'{layer.name}': {layer.problem}")
@@ -231,8 +285,14 @@ def _verdict(report: InspectReport, model_dir: str) -> None:
             report.reasons.append(
                 f"{', '.join(members)} are merged into one vLLM layer but were quantized differently {sorted(kinds)}")
     if not report.reasons:
-        try:
-            validate_model_dir(model_dir)  # the front-end checks vLLM runs before loading
+        try:  # the front-end checks vLLM runs before loading
+            if hub:  # the JSON files are here, the shards on the Hub (their headers were checked above)
+                metas = read_layer_metas(model_dir)
+                check_sidecar_matches_tensors(model_dir, metas)
+                validate_checkpoint(model_dir, metas, legacy_prefix=json_keys_have_legacy_prefix(model_dir),
+                                    require_shards=False)
+            else:
+                validate_model_dir(model_dir)
         except SinqError as e:
             report.reasons.append(str(e))
     report.servable = not report.reasons
@@ -282,8 +342,10 @@ def format_report(r: InspectReport, show_layers: bool = False) -> str:
                 lines.append(f"    {layer.name}: {desc}" + (f"  <- {layer.problem}" if layer.problem else ""))
     elif r.total_bytes:
         lines.append(f"  size:          {_mb(r.total_bytes)}")
+    for kind, dtypes in r.backends.items():
+        lines.append(f"  kernels here:  {kind}: " + ", ".join(f"{d} {b}" for d, b in dtypes.items()))
     if r.servable:
-        lines.append("  sinq-vllm:     can serve it (vllm serve DIR; detected automatically)")
+        lines.append(f"  sinq-vllm:     can serve it (vllm serve {r.path.split(' ')[0]}; detected automatically)")
     else:
         lines.append("  sinq-vllm:     cannot serve it:")
         lines.extend(f"    - {why}" for why in r.reasons)

@@ -5,7 +5,8 @@ its options and stores its handler as ``func``; the handler takes the parsed arg
 returns an exit code. New subcommands register themselves in ``SUBCOMMANDS``. The
 parsers live together here and import nothing heavy, so ``sinq-vllm --help`` is instant;
 each handler imports its implementation (``quantizer.model``, ``cli.inspect``,
-``cli.convert``) when it runs.
+``cli.convert``, ``cli.doctor``) when it runs. ``quantize`` and ``inspect`` take Hub model
+ids too (``--revision``, ``--cache-dir``; format/hub.py).
 Errors raised on purpose (``SinqError``) are printed as one line, without a traceback,
 with exit code 2, like argparse's own usage errors.
 """
@@ -31,13 +32,14 @@ def _command(subparsers, name: str, func, help: str, description: str) -> argpar
 def add_quantize_parser(subparsers) -> None:
     p = _command(
         subparsers, "quantize", run_quantize,
-        help="quantize a local Hugging Face safetensors model to a SINQ checkpoint",
+        help="quantize a Hugging Face safetensors model (a folder or a Hub id) to a SINQ checkpoint",
         description=(
             "Quantize every nn.Linear except the output head (lm_head, unless --quantize-lm-head) with SINQ and write the "
             "reference SINQ sharded-safetensors layout plus a config.json quantization_config."
         ),
     )
-    p.add_argument("src_dir", metavar="SRC_DIR", help="Hugging Face model folder (config.json + *.safetensors)")
+    p.add_argument("src_dir", metavar="SRC",
+                   help="Hugging Face model folder (config.json + *.safetensors), or a Hub model id ORG/NAME")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must differ from SRC_DIR)")
     # Types stay plain int so the quantizer's own validation gives the one error message.
     p.add_argument("--nbits", type=int, default=4, metavar=_NBITS_CHOICES, help="bits per weight (default 4)")
@@ -59,14 +61,38 @@ def add_quantize_parser(subparsers) -> None:
     p.add_argument("--max-shard-size", default="4GB", help="largest output shard, e.g. 4GB, 500MB (default 4GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a SINQ checkpoint already in OUT_DIR")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    _add_hub_options(p)
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log per-layer details")
+
+
+def _add_hub_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="Hub model ids: the branch, tag or commit to use (default: main)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="Hub model ids: download into this cache folder (like vLLM's --download-dir; default: the "
+                   "Hugging Face cache). HF_HUB_OFFLINE=1 reads the cache only")
+
+
+#: the files of a Hub model that quantizing it needs (weights, config, tokenizer, generation defaults)
+_SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*", "vocab*",
+                    "LICENSE*", "NOTICE*"]
+
+
+def _source_dir(model: str, revision: str | None, cache_dir: str | None) -> str:
+    """A local folder for ``model``: itself, or the Hub snapshot downloaded into the cache."""
+    from ..format.hub import download_snapshot, is_hub_id
+
+    if not is_hub_id(model):
+        return model
+    print(f"downloading {model}" + (f" (revision {revision})" if revision else "") + " ...", file=sys.stderr)
+    return download_snapshot(model, revision, cache_dir, allow_patterns=_SOURCE_PATTERNS)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
     from ..quantizer.model import quantize_model  # keeps `sinq-vllm --help` fast
 
     s = quantize_model(
-        args.src_dir,
+        _source_dir(args.src_dir, args.revision, args.cache_dir),
         args.out_dir,
         nbits=args.nbits,
         group_size=args.group_size,
@@ -103,9 +129,10 @@ def add_inspect_parser(subparsers) -> None:
             "whether sinq-vllm can serve it (and why not). Exit status 0 if it can, 1 if not."
         ),
     )
-    p.add_argument("model_dir", metavar="DIR", help="checkpoint folder")
+    p.add_argument("model_dir", metavar="MODEL", help="checkpoint folder, or a Hub model id ORG/NAME")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--layers", action="store_true", help="list every quantized module")
+    _add_hub_options(p)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -113,7 +140,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     from .inspect import format_report, inspect_checkpoint
 
-    report = inspect_checkpoint(args.model_dir)
+    report = inspect_checkpoint(args.model_dir, args.revision, args.cache_dir)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -150,7 +177,31 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_quantize_parser, add_inspect_parser, add_convert_parser]
+def add_doctor_parser(subparsers) -> None:
+    p = _command(
+        subparsers, "doctor", run_doctor,
+        help="show which kernel backend SINQ layers will use on this machine, and why",
+        description=(
+            "Report the versions (sinq-vllm, torch, vLLM), whether the native CPU/CUDA kernels are built and load "
+            "(and why not), and per layer kind and activation dtype the kernel backend vLLM's SINQ layers will use "
+            "here, with the reasons preferred backends are skipped. Exit status 1 when SINQ layers would run on "
+            "the slow torch fallback on a CPU the native kernel supports."
+        ),
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from .doctor import doctor, format_doctor
+
+    report = doctor()
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_doctor(report))
+    return 1 if report.warnings else 0
+
+
+SUBCOMMANDS = [add_quantize_parser, add_inspect_parser, add_convert_parser, add_doctor_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

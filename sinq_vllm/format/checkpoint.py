@@ -1,4 +1,5 @@
-"""Find a SINQ checkpoint and read its per-layer truth: the sidecar meta and the index.
+"""Find a SINQ checkpoint (a local folder or a Hub id) and read its per-layer truth: the
+sidecar meta and the index.
 
 Works for our quantizer's output, the reference code's ``save_quantized_safetensors``
 and Transformers' ``SinqConfig`` + ``save_pretrained`` (they write the same sidecar,
@@ -9,32 +10,107 @@ docs/format.md §2.1-§2.4). Reads JSON only; tensor headers are checked by
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from ..errors import SinqCheckpointError
+from .hub import HubFiles, fetch_metadata, is_hub_id, repo_files
 from .layer_meta import LayerMeta
 from .names import INDEX_NAME, SIDECAR_NAME, is_legacy_prefixed, module_of, strip_legacy_prefix
 from .safetensors_io import read_header, read_json
 
 
-def resolve_local_dir(model: str) -> str | None:
-    """A local folder for ``model``: the path itself, or its snapshot in the HF cache."""
-    if os.path.isdir(model):
-        return model
-    try:
-        from huggingface_hub import snapshot_download
+@dataclass(frozen=True)
+class LocatedCheckpoint:
+    """Where the JSON files of a checkpoint are: a local folder, or a Hub repository's
+    cache snapshot (``hub`` says which files the repository has)."""
 
-        return snapshot_download(model, allow_patterns=["*.json"], local_files_only=True)
-    except Exception:
-        return None
+    model: str
+    folder: str | None
+    hub: HubFiles | None = None
+
+    @property
+    def sidecar(self) -> str:
+        """'present', 'absent' or (a Hub id, offline, not in the cache) 'unknown'."""
+        if self.hub is not None:
+            return ("present" if SIDECAR_NAME in self.hub.present else
+                    "absent" if SIDECAR_NAME in self.hub.absent else "unknown")
+        return "present" if self.folder and os.path.isfile(sidecar_path(self.folder)) else "absent"
+
+    @property
+    def where(self) -> str:
+        return self.hub.where if self.hub is not None else self.model
+
+    def has_sinq_codes(self) -> bool:
+        """True when the index (or a local shard header) names ``<module>.W_q`` tensors."""
+        if self.folder is None or not os.path.isdir(self.folder):
+            return False
+        try:
+            return any(n.endswith(".W_q") for n in tensor_names(self.folder))
+        except SinqCheckpointError:
+            return False  # not readable as a SINQ checkpoint: vLLM reports its own problem
+
+    def check_hub_shards(self) -> None:
+        """A Hub checkpoint whose index names shards the repository does not have (renamed or not
+        uploaded) fails here, naming them, rather than in the worker's download."""
+        if self.hub is None or self.folder is None or not os.path.isfile(os.path.join(self.folder, INDEX_NAME)):
+            return
+        present = repo_files(self.hub)
+        if present is None:
+            return
+        missing = sorted(set(read_index(self.folder).values()) - present)
+        if missing:
+            raise SinqCheckpointError(
+                f"{self.where}: {INDEX_NAME} lists {len(missing)} shard(s) the repository does not have, e.g. "
+                f"'{missing[0]}' (renamed or not uploaded?); files there: {', '.join(sorted(present)[:12])}"
+            )
+
+    def sidecar_problem(self) -> str | None:
+        """Why this cannot be served as a SINQ checkpoint for lack of its sidecar, or None."""
+        state = self.sidecar
+        if state == "present":
+            return None
+        if state == "unknown":
+            return (f"{self.where}: the SINQ sidecar {SIDECAR_NAME} is not in the local Hugging Face cache and the Hub "
+                    "cannot be reached (HF_HUB_OFFLINE=1 or no network): run once with network access, or "
+                    f"`hf download {self.hub.repo_id}`" + (f" --revision {self.hub.revision}" if self.hub.revision
+                                                             else ""))
+        if self.hub is not None:
+            return (f"{self.where} is not a SINQ checkpoint: the repository has no {SIDECAR_NAME} (the per-layer meta "
+                    "that the reference SINQ code, Transformers' SinqConfig and `sinq-vllm quantize` write next to "
+                    f"{INDEX_NAME}); to quantize a bf16/fp16 model while loading use SINQ_VLLM_ONLINE=1")
+        return None  # a local folder: read_layer_metas says it, with the path
+
+
+def locate_checkpoint(model: str, revision: str | None = None, cache_dir: str | None = None,
+                      token: bool | str | None = None) -> LocatedCheckpoint:
+    """A local folder as is; a Hub id: its config, index and sidecar fetched into the cache
+    (``cache_dir``, default the Hugging Face cache) at ``revision`` (format/hub.py)."""
+    if os.path.isdir(model) or not is_hub_id(model):
+        return LocatedCheckpoint(model, model if os.path.isdir(model) else None)
+    files = fetch_metadata(model, revision, cache_dir, token=token)
+    return LocatedCheckpoint(model, files.folder, files)
+
+
+def has_sinq_sidecar(model: str, revision: str | None = None, cache_dir: str | None = None,
+                     token: bool | str | None = None) -> bool:
+    """Whether ``model`` (a folder or Hub id) is a SINQ checkpoint by its sidecar.
+
+    A checkpoint whose tensors are SINQ codes but whose sidecar is missing (renamed, not
+    uploaded, or offline and not cached) is an error, never a silent "no"."""
+    located = locate_checkpoint(model, revision, cache_dir, token)
+    if located.sidecar == "present":
+        return True
+    if located.has_sinq_codes():
+        raise SinqCheckpointError(
+            located.sidecar_problem() if located.sidecar == "unknown" else
+            f"{located.where}: its {INDEX_NAME} names SINQ codes ('<module>.W_q' tensors) but the SINQ sidecar "
+            f"{SIDECAR_NAME} is missing (renamed or not uploaded?); it holds the per-layer meta needed to serve them"
+        )
+    return False
 
 
 def sidecar_path(model_dir: str) -> str:
     return os.path.join(model_dir, SIDECAR_NAME)
-
-
-def has_sinq_sidecar(model: str) -> bool:
-    local = resolve_local_dir(model)
-    return local is not None and os.path.isfile(sidecar_path(local))
 
 
 def _read_sidecar(model_dir: str) -> dict:

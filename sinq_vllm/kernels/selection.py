@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import platform
 
 import torch
 
@@ -70,7 +71,9 @@ def load_backend(name: str) -> tuple[KernelBackend | None, str | None]:
     return _instances[name], None
 
 
-def select_backend(spec: LayerSpec, act_dtype: torch.dtype, device: torch.device, layer_name: str) -> KernelBackend:
+def choose_backend(spec: LayerSpec, act_dtype: torch.dtype, device: torch.device) -> tuple[str | None, list[str]]:
+    """The backend ``select_backend`` would pick for such a layer here, and why the preferred
+    ones were skipped; nothing is logged (``sinq-vllm doctor`` and ``inspect`` report it)."""
     requested = requested_backend()
     candidates = (requested,) if requested != "auto" else _PREFERENCE.get(device.type, ("torch",))
     rejected: list[str] = []
@@ -79,15 +82,29 @@ def select_backend(spec: LayerSpec, act_dtype: torch.dtype, device: torch.device
         if backend is not None:
             reason = _codebook_problem(backend, spec) or backend.unsupported_reason(spec, act_dtype, device)
         if reason is None:
-            _log_choice(name, spec, act_dtype, device, rejected)
-            return backend
+            return name, rejected
         rejected.append(f"{name}: {reason}")
+    return None, rejected
+
+
+def select_backend(spec: LayerSpec, act_dtype: torch.dtype, device: torch.device, layer_name: str) -> KernelBackend:
+    name, rejected = choose_backend(spec, act_dtype, device)
+    if name is not None:
+        _log_choice(name, spec, act_dtype, device, rejected)
+        return _instances[name]
+    requested = requested_backend()
+    candidates = (requested,) if requested != "auto" else _PREFERENCE.get(device.type, ("torch",))
     usable = [n for n in _BACKENDS if n not in candidates and _fits(n, spec, act_dtype, device)]
     hint = f"; backends that can run it: {', '.join(usable)} (or {ENV_VAR}=auto)" if usable else ""
     raise SinqConfigError(
         f"no SINQ kernel backend can run layer '{layer_name}' ({spec.nbits}-bit, group {spec.group_size}, "
         f"{act_dtype}, {device.type}; {ENV_VAR}={requested}): " + "; ".join(rejected) + hint
     )
+
+
+def native_cpu_expected() -> bool:
+    """True on the CPUs the native kernel is built for (Linux x86-64, build_ext_config.py)."""
+    return platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _fits(name: str, spec: LayerSpec, act_dtype, device) -> bool:
@@ -102,6 +119,15 @@ def _codebook_problem(backend: KernelBackend, spec: LayerSpec) -> str | None:
     return f"{spec.codebook.upper()} codebook layers are not implemented in this backend"
 
 
+#: how to get the native CPU kernel back, for the fallback warning
+CPU_FIX = (
+    "reinstall sinq-vllm so that it builds its CPU kernel against this environment's torch: "
+    "`pip install --no-build-isolation .` from a source checkout (or plain `pip install .`, whose isolated build "
+    "uses the same torch version; it needs the index that torch came from, e.g. --extra-index-url "
+    "https://download.pytorch.org/whl/cpu), then check with `sinq-vllm doctor`"
+)
+
+
 def _log_choice(name, spec: LayerSpec, act_dtype, device, rejected) -> None:
     key = (name, spec.nbits, spec.group_size, str(act_dtype), device.type, tuple(rejected))
     if key in _logged:
@@ -109,6 +135,16 @@ def _log_choice(name, spec: LayerSpec, act_dtype, device, rejected) -> None:
     _logged.add(key)
     why = "forced by " + ENV_VAR if os.environ.get(ENV_VAR, "auto") not in ("", "auto") else "first that fits"
     extra = f" (skipped: {'; '.join(rejected)})" if rejected else ""
+    if name == "torch" and device.type == "cpu" and rejected and native_cpu_expected():
+        # never a silent slow path (docs/design.md §4.4): say why and how to fix it
+        unavailable = load_backend("cpu")[0] is None
+        fix = CPU_FIX if unavailable else "the native CPU kernel does not support this layer (see the reason)"
+        logger.warning(
+            "SINQ: %d-bit g%d layers on cpu/%s run on the portable torch fallback, several times slower than the "
+            "native CPU kernel, because %s. Fix: %s",
+            spec.nbits, spec.group_size, str(act_dtype).replace("torch.", ""), "; ".join(rejected), fix,
+        )
+        return
     logger.info(
         "SINQ: %d-bit g%d layers on %s/%s use the '%s' kernel backend (%s)%s",
         spec.nbits, spec.group_size, device.type, str(act_dtype).replace("torch.", ""), name, why, extra,

@@ -41,6 +41,7 @@ __all__ = [
     "RowParallelLinear",
     "UnquantizedLinearMethod",
     "check_vllm_version",
+    "engine_args_class",
     "fused_moe_api",
     "init_logger",
     "model_config_class",
@@ -102,3 +103,9 @@ def model_config_class():
     from vllm.config.model import ModelConfig
 
     return ModelConfig
+
+
+def engine_args_class():
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs

@@ -15,20 +15,20 @@ import torch
 from ..errors import SinqCheckpointError, SinqConfigError
 from ..format.checkpoint import (
     check_sidecar_matches_tensors,
-    has_sinq_sidecar,
     json_keys_have_legacy_prefix,
+    locate_checkpoint,
     read_layer_metas,
-    resolve_local_dir,
     tensor_names,
 )
 from ..format.layer_meta import LayerMeta
 from ..format.names import DROPPED_BUFFER_SUFFIXES, LEGACY_RENAMES, strip_legacy_prefix
 from ..format.packing import SUPPORTED_BITS
 from ..format.validation import validate_checkpoint
-from ..kernels.selection import requested_backend
 from ..log import get_logger
 from .compat import LinearBase, ParallelLMHead, QuantizationConfig, UnquantizedLinearMethod, weights_mapper
 from .linear import SinqLinearMethod
+from .model_source import download_dir, hf_token
+from .options import check_environment
 from .lm_head import SinqLMHeadMethod
 from .online import OnlineOptions, SinqOnlineLinearMethod, options_from_config, options_from_env
 
@@ -108,16 +108,25 @@ class SinqConfig(QuantizationConfig):
         return cfg
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
-        local = resolve_local_dir(model_name)
-        if local is None:
-            raise SinqCheckpointError(f"cannot find the SINQ checkpoint folder of '{model_name}' locally")
-        if not has_sinq_sidecar(local):
+        # options first: the workers inherit them, so a typo fails `vllm serve` at once with the valid values
+        check_environment()
+        # a Hub id: its config, index and sidecar are fetched into --download-dir's cache at
+        # `revision` (format/hub.py); the worker downloads the weights later
+        located = locate_checkpoint(model_name, revision, download_dir(), hf_token())
+        local = located.folder
+        if located.sidecar != "present":
             self.online = self.online or options_from_env()
             if self.online is not None:
                 logger.info("%s has no SINQ sidecar: quantizing its weights with SINQ (%s) while loading",
-                            local, self.online.describe())
+                            located.where, self.online.describe())
                 return
+            problem = located.sidecar_problem()
+            if problem:
+                raise SinqCheckpointError(problem)
+        if local is None:
+            raise SinqCheckpointError(f"cannot find the SINQ checkpoint folder of '{model_name}'")
         self.online = None
+        located.check_hub_shards()
         self.legacy_model_prefix = json_keys_have_legacy_prefix(local)
         self.layer_metas = read_layer_metas(local)
         check_sidecar_matches_tensors(local, self.layer_metas)
@@ -127,12 +136,12 @@ class SinqConfig(QuantizationConfig):
             names = {strip_legacy_prefix(n) for n in names}
         self.bias_names = {n for n in names if n.endswith(".bias")}
         self._check_supported()
-        # options first: the workers inherit them, so a typo fails `vllm serve` at once with the valid values
-        requested_backend()
-        validate_checkpoint(local, self.layer_metas, hf_config, self.legacy_model_prefix, model_name == local)
+        # a Hub snapshot holds the weights only once the worker has downloaded them
+        validate_checkpoint(local, self.layer_metas, hf_config, self.legacy_model_prefix, located.hub is None)
         self._check_declared(local)
         logger.info(
-            "SINQ checkpoint %s: %d quantized linear modules (%s)", local, len(self.layer_metas), _summary(self.layer_metas)
+            "SINQ checkpoint %s: %d quantized linear modules (%s)", located.where, len(self.layer_metas),
+            _summary(self.layer_metas)
         )
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
@@ -179,7 +188,7 @@ class SinqConfig(QuantizationConfig):
         if not isinstance(layer, LinearBase):
             return None
         names = self._checkpoint_names(prefix)
-        if any(n in self.modules_to_not_convert or n.split(".")[-1] in self.modules_to_not_convert for n in names):
+        if any(self.online.keeps(n) for n in names):
             return UnquantizedLinearMethod()
         return SinqOnlineLinearMethod(prefix, self.online, names)
 
