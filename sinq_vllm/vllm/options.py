@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import SinqConfigError
+from ..kernels.gpu_layout import DEFAULT_PREFILL_MIN_M, ENV_PREFILL_MIN_M, prefill_min_m
 from ..kernels.selection import ENV_VAR as BACKEND_ENV
 from ..kernels.selection import requested_backend
 from .online import ENV_VAR as ONLINE_ENV
@@ -68,6 +69,15 @@ def _jit(kind: str) -> Switch:
                   _choice(_JIT))
 
 
+def _require(kind: str) -> Switch:
+    # kernels/native.py reads it (NativeExtension.required): 1/true/yes/on require the extension
+    return Switch(f"SINQ_VLLM_REQUIRE_{kind.upper()}", "0", "0, 1 (also false/true, no/yes, off/on)",
+                  "native-extension loader (worker)",
+                  f"a missing or unbuildable {kind.upper()} kernel is an error showing the build log, instead of "
+                  "another backend being selected (scripts/gpu_check.sh sets it for CUDA)",
+                  _choice(_ON_OFF))
+
+
 def _skip_ext(kind: str, then: str) -> Switch:
     return Switch(f"SINQ_VLLM_SKIP_{kind.upper()}_EXT", "0", "0, 1", "pip install (build)",
                   f"build without the {kind.upper()} kernel ({then})", _choice(_SKIP_EXT))
@@ -98,6 +108,11 @@ SWITCHES: tuple[Switch, ...] = (
            "largest batch (M) that takes the split-K GEMV path", _count),
     Switch("SINQ_VLLM_TRITON_FACTORED_MAX_M", "64", "a whole number >= 0", "Triton kernels (worker)",
            "largest M that takes the group-factored tensor-core path (above: the dequantizing GEMM)", _count),
+    Switch(ENV_PREFILL_MIN_M, str(DEFAULT_PREFILL_MIN_M), "a whole number >= 1", "GPU kernels (worker)",
+           "from this batch size (M) on, GPU layers dequantize each shard into a bf16/fp16 scratch and call "
+           "torch.matmul (cuBLAS)", lambda name, value: prefill_min_m()),
+    _require("cpu"),
+    _require("cuda"),
     _skip_ext("cpu", "the torch fallback then serves CPUs, with a warning"),
     _skip_ext("cuda", "the Triton backend then serves GPUs"),
 )
