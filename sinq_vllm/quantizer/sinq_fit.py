@@ -5,11 +5,11 @@ float zero per group, so checkpoints load anywhere SINQ's do. Only how ``t``, ``
 and ``Q`` are chosen differs:
 
 1. ``t``: Sinkhorn's column factor (docs/format.md §1.2), for every layer: no kurtosis gate
-   (measured: the gate costs quality on the models we tried, benchmarks/results/ablation_fit.md).
+   (measured: the gate costs quality on the models we tried, benchmarks/results/quality_ablation.md).
 2. ``s``, ``z`` per group: least squares with a range search on the Sinkhorn-normalized
    weights ``W / t`` (groupfit.py). The error is measured in the normalized domain, i.e.
    the error of column ``k`` weighs ``1 / t[k]**2``: SINQ's own balance of columns, which
-   beat the plain weight error in every layer-level test (benchmarks/results/ablation_fit.md).
+   beat the plain weight error in every layer-level test (benchmarks/results/quality_ablation.md).
 3. ``t`` refined against the quantization error: with codes, scales and zeros fixed, the
    column scale minimizing ``sum_n (W[n,k] - t[k] * D[n,k])**2`` (``D = s * (Q - z)``) is
    ``sum_n W D / sum_n D**2``, one closed form per column; then one Lloyd step of every group
