@@ -90,6 +90,14 @@ def parse_args(argv=None):
                     help="only the float32 comparison of sinq_fit with RTN and SINQ (wiki + c4 second half)")
     ap.add_argument("--settings", default="4:64",
                     help="with --methods: comma-separated nbits:group_size (default 4:64)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="with --methods: write the table from cached checkpoints and scores only (blank cells "
+                    "for what was not measured)")
+    ap.add_argument("--methods-corpora", default=",".join(METHODS_CORPORA),
+                    help=f"with --methods: which corpora (default {','.join(METHODS_CORPORA)})")
+    ap.add_argument("--fit-methods", default=",".join(FIT_METHODS),
+                    help=f"with --methods: which quantizers (default {','.join(FIT_METHODS)}); scores are cached "
+                    "per checkpoint, so runs of disjoint subsets fill the same table")
     ap.add_argument("--replot", action="store_true",
                     help="rewrite the .md and .png from the .json of the last run (no evaluation)")
     return ap.parse_args(argv)
@@ -375,21 +383,26 @@ def methods_windows(src: Path, n_tokens: int, window: int) -> tuple[dict, int | 
     return wins, bos
 
 
-def score_cached(make_model, wins: dict, bos, cache: Path) -> dict:
-    """float32 perplexity per corpus of ``make_model()``, cached in ``cache`` (its name
-    carries a hash of the windows and of what identifies the model)."""
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    model = make_model()
-    out = {}
+def score_cached(make_model, wins: dict, bos, folder: Path, stem: str, *identity, compute: bool = True) -> dict:
+    """float32 perplexity per corpus of ``make_model()``, each corpus cached in its own file
+    ``folder/<stem>-<corpus>-<hash>.json`` (the hash covers the windows and ``identity``, what
+    identifies the model), so an interrupted run keeps the corpora it finished."""
+    out, model = {}, None
     for corpus, w in wins.items():
+        cache = folder / f"{stem}-{corpus}-{_score_key(w, bos, *identity)}.json"
+        if cache.is_file():
+            out[corpus] = json.loads(cache.read_text())["ppl"]
+            continue
+        if not compute:
+            continue
+        model = model or make_model()
         t0 = time.perf_counter()
         nll, cnt = hf_model_nll(model, w, bos)
         out[corpus] = C.ppl_from_nll(nll, cnt)
         C.log(f"      {corpus}: {out[corpus]:.3f} ({time.perf_counter() - t0:.0f} s)")
+        cache.write_text(json.dumps({"ppl": out[corpus], "tokens": cnt}))
     del model
     gc.collect()
-    cache.write_text(json.dumps(out))
     return out
 
 
@@ -407,24 +420,27 @@ def run_methods(name: str, src: Path, args) -> dict:
 
     dq = C.load_test_helper("reference_dequant")
     wins, bos = methods_windows(src, args.ref_tokens, args.window)
+    wins = {c: wins[c] for c in args.methods_corpora.split(",")}
     C.log(f"[{name}] methods: " + ", ".join(f"{c} {sum(len(w) for w in ws)} tokens" for c, ws in wins.items()))
     rows = []
-    C.log("    unquantized ...")
-    base = score_cached(lambda: AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval(), wins, bos,
-                        C.artifacts_dir("bench") / f"{name}-unquantized-ppl-{_score_key(wins, bos, str(src))}.json")
-    rows.append({"setting": "unquantized", "ppl": base})
     for item in args.settings.split(","):
         nbits, g = (int(v) for v in item.split(":"))
-        for method in FIT_METHODS:
+        for method in args.fit_methods.split(","):
             spec = C.QuantSpec(method, nbits, g, aux=method != "rtn")
+            if args.table_only and not (C.artifacts_dir("bench") / f"{name}-{spec.tag}" / C.QUANT_MARKER).is_file():
+                continue
             d, info = C.quantized_checkpoint(src, spec, name=name)
             C.log(f"    {spec.label} ...")
-            key = _score_key(wins, bos, str(d), info["settings"], info.get("quantize_seconds"))
-            p = score_cached(lambda: dq.dequantized_model(d, dtype=torch.float32), wins, bos,
-                             d / f"methods-ppl-{key}.json")
+            p = score_cached(lambda: dq.dequantized_model(d, dtype=torch.float32), wins, bos, d, "methods-ppl",
+                             str(d), info["settings"], info.get("quantize_seconds"), compute=not args.table_only)
             rows.append({"setting": spec.label, "method": method, "nbits": nbits, "group_size": g, "ppl": p,
                          "quantize_seconds": info["quantize_seconds"], "cached": info["cached"],
                          "gated": info["kurtosis_gated"], "layers": info["layers"]})
+    # unquantized last: a concurrent run of another --fit-methods subset may have cached it by then
+    C.log("    unquantized ...")
+    base = score_cached(lambda: AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval(), wins, bos,
+                        C.artifacts_dir("bench"), f"{name}-unquantized-ppl", str(src), compute=not args.table_only)
+    rows.insert(0, {"setting": "unquantized", "ppl": base})
     return {"name": name, "tokens": {c: sum(len(w) for w in ws) for c, ws in wins.items()}, "window": args.window,
             "rows": rows}
 
@@ -440,23 +456,32 @@ def methods_markdown(results: list[dict], args, elapsed: float, machine: str) ->
         "(cut at the first line end after its middle character; `c4 2nd half`). No method here sees any text.",
         "- RTN: plain min-max RTN, fp16 scales/zeros (the parity section's RTN); SINQ and sinq_fit: quantAux. "
         "'gap closed': (RTN - method) / (RTN - unquantized) perplexity, per corpus.",
-        "- quantize s: `quantize_weight` time of all Linear layers when the checkpoint was written "
-        "(the same run unless marked cached).",
+        "- quantize s: `quantize_weight` time of all Linear layers when the checkpoint was written (runs "
+        "may overlap on a shared machine: compare quantization times with `quant_time.py` instead). "
+        "n/m: not measured in this run.",
         "",
     ]
     for res in results:
         rows = res["rows"]
         base = rows[0]["ppl"]
-        corpora = list(base)
+        corpora = [c for c in METHODS_CORPORA if any(c in r["ppl"] for r in rows)]
+
+        def cell(r, c):
+            return f"{r['ppl'][c]:.3f}" if c in r["ppl"] else "n/m"
+
+        def gap(r, rtn, c):
+            if rtn is None or r is rtn or not all(c in x["ppl"] for x in (r, rtn, rows[0])):
+                return ""
+            return f"{gap_closed(base[c], rtn['ppl'][c], r['ppl'][c]):.0%}"
+
         label = {"wiki": "wiki", "c4-second-half": "c4 2nd half"}
         out += [f"## {res['name']}", ""]
-        tab = [["unquantized"] + [f"{base[c]:.3f}" for c in corpora] + [""] * len(corpora) + ["", ""]]
+        tab = [["unquantized"] + [cell(rows[0], c) for c in corpora] + [""] * len(corpora) + ["", ""]]
         for r in rows[1:]:
-            rtn = next(x for x in rows if x.get("method") == "rtn" and x["nbits"] == r["nbits"]
-                       and x["group_size"] == r["group_size"])
-            gaps = ["" if r is rtn else f"{gap_closed(base[c], rtn['ppl'][c], r['ppl'][c]):.0%}" for c in corpora]
-            tab.append([r["setting"]] + [f"{r['ppl'][c]:.3f}" for c in corpora] + gaps
-                       + [f"{r['quantize_seconds']:.1f}" + (" (cached)" if r["cached"] else ""),
+            rtn = next((x for x in rows if x.get("method") == "rtn" and x["nbits"] == r["nbits"]
+                        and x["group_size"] == r["group_size"]), None)
+            tab.append([r["setting"]] + [cell(r, c) for c in corpora] + [gap(r, rtn, c) for c in corpora]
+                       + [f"{r['quantize_seconds']:.1f}",
                           f"{r['gated']}/{r['layers']}" if r["method"] == "sinq" else ""])
         out += [C.md_table(["setting"] + [f"{label[c]} ppl" for c in corpora]
                            + [f"{label[c]}: gap closed" for c in corpora] + ["quantize s", "gated layers"], tab), ""]
