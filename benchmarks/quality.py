@@ -441,8 +441,32 @@ def run_methods(name: str, src: Path, args) -> dict:
     base = score_cached(lambda: AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval(), wins, bos,
                         C.artifacts_dir("bench"), f"{name}-unquantized-ppl", str(src), compute=not args.table_only)
     rows.insert(0, {"setting": "unquantized", "ppl": base})
+    fill_from_parity(name, rows, wins, args)
     return {"name": name, "tokens": {c: sum(len(w) for w in ws) for c, ws in wins.items()}, "window": args.window,
             "rows": rows}
+
+
+def fill_from_parity(name: str, rows: list[dict], wins: dict, args) -> None:
+    """wiki perplexities this run did not measure, taken from the parity section of the committed
+    quality results (the same protocol and windows: its ``ours`` rows for unquantized, RTN and
+    SINQ); such rows get ``from_parity``."""
+    if "wiki" not in wins:
+        return
+    for path in (C.RESULTS / "quality.json", C.RESULTS / "quality_gemma.json"):
+        if not path.is_file():
+            continue
+        for res in json.loads(path.read_text()).get("results", []):
+            par = res.get("parity") or {}
+            if res.get("name") != name or par.get("tokens") != sum(len(w) for w in wins["wiki"]) \
+                    or par.get("window") != args.window:
+                continue
+            by = {r["setting"]: r["ours"] for r in par.get("rows", [])}
+            for r in rows:
+                key = "unquantized" if "method" not in r else \
+                    f"{r['method'].upper()} w{r['nbits']} g{r['group_size']}"
+                if "wiki" not in r["ppl"] and key in by and r.get("method") in (None, "rtn", "sinq"):
+                    r["ppl"]["wiki"] = by[key]
+                    r["from_parity"] = True
 
 
 def methods_markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
@@ -458,7 +482,8 @@ def methods_markdown(results: list[dict], args, elapsed: float, machine: str) ->
         "'gap closed': (RTN - method) / (RTN - unquantized) perplexity, per corpus.",
         "- quantize s: `quantize_weight` time of all Linear layers when the checkpoint was written (runs "
         "may overlap on a shared machine: compare quantization times with `quant_time.py` instead). "
-        "n/m: not measured in this run.",
+        "n/m: not measured in this run. †: measured by the parity section of quality.md / quality_gemma.md "
+        "(the same protocol and token windows), not re-measured here.",
         "",
     ]
     for res in results:
@@ -467,7 +492,9 @@ def methods_markdown(results: list[dict], args, elapsed: float, machine: str) ->
         corpora = [c for c in METHODS_CORPORA if any(c in r["ppl"] for r in rows)]
 
         def cell(r, c):
-            return f"{r['ppl'][c]:.3f}" if c in r["ppl"] else "n/m"
+            if c not in r["ppl"]:
+                return "n/m"
+            return f"{r['ppl'][c]:.3f}" + (" †" if c == "wiki" and r.get("from_parity") else "")
 
         def gap(r, rtn, c):
             if rtn is None or r is rtn or not all(c in x["ppl"] for x in (r, rtn, rows[0])):
