@@ -428,6 +428,7 @@ def run_methods(name: str, src: Path, args) -> dict:
         for method in args.fit_methods.split(","):
             spec = C.QuantSpec(method, nbits, g, aux=method != "rtn")
             if args.table_only and not (C.artifacts_dir("bench") / f"{name}-{spec.tag}" / C.QUANT_MARKER).is_file():
+                rows.append({"setting": spec.label, "method": method, "nbits": nbits, "group_size": g, "ppl": {}})
                 continue
             d, info = C.quantized_checkpoint(src, spec, name=name)
             C.log(f"    {spec.label} ...")
@@ -480,9 +481,8 @@ def methods_markdown(results: list[dict], args, elapsed: float, machine: str) ->
         "(cut at the first line end after its middle character; `c4 2nd half`). No method here sees any text.",
         "- RTN: plain min-max RTN, fp16 scales/zeros (the parity section's RTN); SINQ and sinq_fit: quantAux. "
         "'gap closed': (RTN - method) / (RTN - unquantized) perplexity, per corpus.",
-        "- quantize s: `quantize_weight` time of all Linear layers when the checkpoint was written (runs "
-        "may overlap on a shared machine: compare quantization times with `quant_time.py` instead). "
-        "n/m: not measured in this run. †: measured by the parity section of quality.md / quality_gemma.md "
+        "- n/m: not measured (the machine was too loaded to finish every cell). Quantization time: "
+        "`quality_ablation.md` (section 3). †: measured by the parity section of quality.md / quality_gemma.md "
         "(the same protocol and token windows), not re-measured here.",
         "",
     ]
@@ -503,15 +503,13 @@ def methods_markdown(results: list[dict], args, elapsed: float, machine: str) ->
 
         label = {"wiki": "wiki", "c4-second-half": "c4 2nd half"}
         out += [f"## {res['name']}", ""]
-        tab = [["unquantized"] + [cell(rows[0], c) for c in corpora] + [""] * len(corpora) + ["", ""]]
+        tab = [["unquantized"] + [cell(rows[0], c) for c in corpora] + [""] * len(corpora)]
         for r in rows[1:]:
             rtn = next((x for x in rows if x.get("method") == "rtn" and x["nbits"] == r["nbits"]
                         and x["group_size"] == r["group_size"]), None)
-            tab.append([r["setting"]] + [cell(r, c) for c in corpora] + [gap(r, rtn, c) for c in corpora]
-                       + [f"{r['quantize_seconds']:.1f}",
-                          f"{r['gated']}/{r['layers']}" if r["method"] == "sinq" else ""])
+            tab.append([r["setting"]] + [cell(r, c) for c in corpora] + [gap(r, rtn, c) for c in corpora])
         out += [C.md_table(["setting"] + [f"{label[c]} ppl" for c in corpora]
-                           + [f"{label[c]}: gap closed" for c in corpora] + ["quantize s", "gated layers"], tab), ""]
+                           + [f"{label[c]}: gap closed" for c in corpora], tab), ""]
     return "\n".join(out)
 
 
