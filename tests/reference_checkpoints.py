@@ -478,7 +478,7 @@ def _cmd_read_ours(a: dict) -> None:
     shards, sidecar) and its per-layer load (``SINQLinear.load_state_dict``), exactly as
     ``from_quantized_safetensors`` builds each quantized module; its whole-model preflight is
     not run, as it rejects every sinq-vllm checkpoint for the rotary buffers we drop
-    (docs/format.md §2.10)."""
+    (docs/format.md §2.12)."""
     from sinq.patch_model import BaseSINQModel
     from sinq.sinqlinear import SINQLinear
 
