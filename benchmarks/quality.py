@@ -27,6 +27,11 @@ Bits per weight: all bytes of the tensors stored for the quantized Linear layers
 codes, scales, zeros, column scales, quantAux) * 8 / their number of weights.
 
     python benchmarks/quality.py [--full] [--tokens N] [--window W] [--gemma]
+    python benchmarks/quality.py --methods [--settings 4:64,4:128,3:64] [--models ...]
+
+``--methods``: only the methods beyond the reference (``sinq_fit``) next to RTN and SINQ, on
+the parity section's float32 protocol, evaluated on wiki and the second half of c4
+(writes benchmarks/results/quality_methods.md).
 
 Writes benchmarks/results/quality.md and quality.png. Quantized checkpoints are cached in
 artifacts/bench/ and reused.
@@ -79,7 +84,20 @@ def parse_args(argv=None):
                     help="skip the parity section against the reference implementation (sinq==0.2.0)")
     ap.add_argument("--ref-tokens", type=int, default=8192,
                     help="wiki tokens of the reference-parity section (default 8192, the issue's protocol)")
-    ap.add_argument("--out", default="quality", help="result file stem in benchmarks/results/")
+    ap.add_argument("--out", default=None, help="result file stem in benchmarks/results/ "
+                    "(default quality; quality_methods with --methods)")
+    ap.add_argument("--methods", action="store_true",
+                    help="only the float32 comparison of sinq_fit with RTN and SINQ (wiki + c4 second half)")
+    ap.add_argument("--settings", default="4:64",
+                    help="with --methods: comma-separated nbits:group_size (default 4:64)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="with --methods: write the table from cached checkpoints and scores only (blank cells "
+                    "for what was not measured)")
+    ap.add_argument("--methods-corpora", default=",".join(METHODS_CORPORA),
+                    help=f"with --methods: which corpora (default {','.join(METHODS_CORPORA)})")
+    ap.add_argument("--fit-methods", default=",".join(FIT_METHODS),
+                    help=f"with --methods: which quantizers (default {','.join(FIT_METHODS)}); scores are cached "
+                    "per checkpoint, so runs of disjoint subsets fill the same table")
     ap.add_argument("--replot", action="store_true",
                     help="rewrite the .md and .png from the .json of the last run (no evaluation)")
     return ap.parse_args(argv)
@@ -332,6 +350,186 @@ def gap_closed(base: float, rtn: float, sinq: float) -> float:
 
 
 # --------------------------------------------------------------------------------------
+# methods beyond the reference (--methods): sinq_fit next to RTN and SINQ, float32
+
+METHODS_CORPORA = ("wiki", "c4-second-half")
+FIT_METHODS = ("rtn", "sinq", "sinq_fit")
+
+
+def corpus_second_half(corpus: str) -> str:
+    """The second half of a shipped corpus, cut at the first line end after its middle
+    character (c4.utf8 holds one document per line): the evaluation text of calibrated
+    methods, which calibrate on the first half; calibration-free ones use the same text."""
+    from bench_support.assets import read_corpus
+
+    text = read_corpus(corpus)
+    mid = text.find("\n", len(text) // 2) + 1 or len(text) // 2
+    return text[mid:]
+
+
+def methods_windows(src: Path, n_tokens: int, window: int) -> tuple[dict, int | None]:
+    """wiki: its first ``n_tokens`` tokens (as the parity section); c4-second-half: the first
+    ``n_tokens`` tokens of c4's second half."""
+    from transformers import AutoTokenizer
+
+    wins = {}
+    wins["wiki"], bos = corpus_windows(src, "wiki", n_tokens, window, False)
+    ids = AutoTokenizer.from_pretrained(str(src))(corpus_second_half("c4")[: n_tokens * 8],
+                                                  add_special_tokens=False).input_ids
+    n = (n_tokens // window) * window
+    if len(ids) < n:
+        raise ValueError(f"c4's second half has only {len(ids)} tokens in its first {n_tokens * 8} characters")
+    wins["c4-second-half"] = [ids[i:i + window] for i in range(0, n, window)]
+    return wins, bos
+
+
+def score_cached(make_model, wins: dict, bos, folder: Path, stem: str, *identity, compute: bool = True) -> dict:
+    """float32 perplexity per corpus of ``make_model()``, each corpus cached in its own file
+    ``folder/<stem>-<corpus>-<hash>.json`` (the hash covers the windows and ``identity``, what
+    identifies the model), so an interrupted run keeps the corpora it finished."""
+    out, model = {}, None
+    for corpus, w in wins.items():
+        cache = folder / f"{stem}-{corpus}-{_score_key(w, bos, *identity)}.json"
+        if cache.is_file():
+            out[corpus] = json.loads(cache.read_text())["ppl"]
+            continue
+        if not compute:
+            continue
+        model = model or make_model()
+        t0 = time.perf_counter()
+        nll, cnt = hf_model_nll(model, w, bos)
+        out[corpus] = C.ppl_from_nll(nll, cnt)
+        C.log(f"      {corpus}: {out[corpus]:.3f} ({time.perf_counter() - t0:.0f} s)")
+        cache.write_text(json.dumps({"ppl": out[corpus], "tokens": cnt}))
+    del model
+    gc.collect()
+    return out
+
+
+def _score_key(wins: dict, bos, *identity) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([wins, bos, *identity], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_methods(name: str, src: Path, args) -> dict:
+    """Rows: unquantized, then RTN, SINQ and sinq_fit per setting (quantAux checkpoints;
+    RTN without, as the parity section's RTN), each scored on the dequantized weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dq = C.load_test_helper("reference_dequant")
+    wins, bos = methods_windows(src, args.ref_tokens, args.window)
+    wins = {c: wins[c] for c in args.methods_corpora.split(",")}
+    C.log(f"[{name}] methods: " + ", ".join(f"{c} {sum(len(w) for w in ws)} tokens" for c, ws in wins.items()))
+    rows = []
+    for item in args.settings.split(","):
+        nbits, g = (int(v) for v in item.split(":"))
+        for method in args.fit_methods.split(","):
+            spec = C.QuantSpec(method, nbits, g, aux=method != "rtn")
+            if args.table_only and not (C.artifacts_dir("bench") / f"{name}-{spec.tag}" / C.QUANT_MARKER).is_file():
+                rows.append({"setting": spec.label, "method": method, "nbits": nbits, "group_size": g, "ppl": {}})
+                continue
+            d, info = C.quantized_checkpoint(src, spec, name=name)
+            C.log(f"    {spec.label} ...")
+            p = score_cached(lambda: dq.dequantized_model(d, dtype=torch.float32), wins, bos, d, "methods-ppl",
+                             str(d), info["settings"], info.get("quantize_seconds"), compute=not args.table_only)
+            rows.append({"setting": spec.label, "method": method, "nbits": nbits, "group_size": g, "ppl": p,
+                         "quantize_seconds": info["quantize_seconds"], "cached": info["cached"],
+                         "gated": info["kurtosis_gated"], "layers": info["layers"]})
+    # unquantized last: a concurrent run of another --fit-methods subset may have cached it by then
+    C.log("    unquantized ...")
+    base = score_cached(lambda: AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval(), wins, bos,
+                        C.artifacts_dir("bench"), f"{name}-unquantized-ppl", str(src), compute=not args.table_only)
+    rows.insert(0, {"setting": "unquantized", "ppl": base})
+    fill_from_parity(name, rows, wins, args)
+    return {"name": name, "tokens": {c: sum(len(w) for w in ws) for c, ws in wins.items()}, "window": args.window,
+            "rows": rows}
+
+
+def fill_from_parity(name: str, rows: list[dict], wins: dict, args) -> None:
+    """wiki perplexities this run did not measure, taken from the parity section of the committed
+    quality results (the same protocol and windows: its ``ours`` rows for unquantized, RTN and
+    SINQ); such rows get ``from_parity``."""
+    if "wiki" not in wins:
+        return
+    for path in (C.RESULTS / "quality.json", C.RESULTS / "quality_gemma.json"):
+        if not path.is_file():
+            continue
+        for res in json.loads(path.read_text()).get("results", []):
+            par = res.get("parity") or {}
+            if res.get("name") != name or par.get("tokens") != sum(len(w) for w in wins["wiki"]) \
+                    or par.get("window") != args.window:
+                continue
+            by = {r["setting"]: r["ours"] for r in par.get("rows", [])}
+            for r in rows:
+                key = "unquantized" if "method" not in r else \
+                    f"{r['method'].upper()} w{r['nbits']} g{r['group_size']}"
+                if "wiki" not in r["ppl"] and key in by and r.get("method") in (None, "rtn", "sinq"):
+                    r["ppl"]["wiki"] = by[key]
+                    r["from_parity"] = True
+
+
+def methods_markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
+    out = ["# Quality: sinq_fit (calibration-free) next to RTN and SINQ, float32 protocol", ""]
+    out += [
+        f"- machine: {machine}",
+        f"- command: `{C.command_line('quality.py')}` ({elapsed / 60:.1f} min)",
+        "- protocol (the parity section of quality.md): float32 Transformers forward on the dequantized weights "
+        f"(`tests/reference_dequant.py`), {args.window}-token windows with BOS, every window token scored; the first "
+        f"{args.ref_tokens} tokens of `wiki.utf8` (`<doc>` lines removed) and of the **second half** of `c4.utf8` "
+        "(cut at the first line end after its middle character; `c4 2nd half`). No method here sees any text.",
+        "- RTN: plain min-max RTN, fp16 scales/zeros (the parity section's RTN); SINQ and sinq_fit: quantAux. "
+        "'gap closed': (RTN - method) / (RTN - unquantized) perplexity, per corpus.",
+        "- n/m: not measured (the machine was too loaded to finish every cell). Quantization time: "
+        "`quality_ablation.md` (section 3). †: measured by the parity section of quality.md / quality_gemma.md "
+        "(the same protocol and token windows), not re-measured here.",
+        "",
+    ]
+    for res in results:
+        rows = res["rows"]
+        base = rows[0]["ppl"]
+        corpora = [c for c in METHODS_CORPORA if any(c in r["ppl"] for r in rows)]
+
+        def cell(r, c):
+            if c not in r["ppl"]:
+                return "n/m"
+            return f"{r['ppl'][c]:.3f}" + (" †" if c == "wiki" and r.get("from_parity") else "")
+
+        def gap(r, rtn, c):
+            if rtn is None or r is rtn or not all(c in x["ppl"] for x in (r, rtn, rows[0])):
+                return ""
+            return f"{gap_closed(base[c], rtn['ppl'][c], r['ppl'][c]):.0%}"
+
+        label = {"wiki": "wiki", "c4-second-half": "c4 2nd half"}
+        out += [f"## {res['name']}", ""]
+        tab = [["unquantized"] + [cell(rows[0], c) for c in corpora] + [""] * len(corpora)]
+        for r in rows[1:]:
+            rtn = next((x for x in rows if x.get("method") == "rtn" and x["nbits"] == r["nbits"]
+                        and x["group_size"] == r["group_size"]), None)
+            tab.append([r["setting"]] + [cell(r, c) for c in corpora] + [gap(r, rtn, c) for c in corpora])
+        out += [C.md_table(["setting"] + [f"{label[c]} ppl" for c in corpora]
+                           + [f"{label[c]}: gap closed" for c in corpora], tab), ""]
+    return "\n".join(out)
+
+
+def main_methods(args) -> int:
+    known = {"smollm2-135m": C.smollm2_bf16, "gemma3-270m": C.gemma3_bf16}
+    names = args.models.split(",") if args.models else ["smollm2-135m", "gemma3-270m"]
+    t_start = time.perf_counter()
+    machine = C.machine_info()
+    results = [run_methods(n, known[n](), args) for n in names]
+    elapsed = time.perf_counter() - t_start
+    C.RESULTS.mkdir(parents=True, exist_ok=True)
+    (C.RESULTS / f"{args.out}.json").write_text(json.dumps(C.relativize(
+        {"argv": sys.argv[1:], "elapsed": elapsed, "machine": machine, "results": results}), indent=1))
+    md = methods_markdown(results, args, elapsed, machine)
+    C.write_result(f"{args.out}.md", md)
+    print("\n" + md)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # report
 
 def markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
@@ -539,6 +737,10 @@ def plot(results: list[dict], path: Path) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.out is None:
+        args.out = "quality_methods" if args.methods else "quality"
+    if args.methods:
+        return main_methods(args)
     if args.tokens is None:
         args.tokens = 16384 if args.full else 4096
     if args.hf_tokens is None:

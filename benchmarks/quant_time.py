@@ -48,12 +48,12 @@ def parse_args(argv=None):
     ap.add_argument("--no-aux", action="store_true", help="fp16 scales/zeros instead of quantAux")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the child (default: torch's)")
     ap.add_argument("--src", default=None, help="HF folder to quantize (default: SmolLM2-135M-Instruct bf16)")
-    ap.add_argument("--methods", default="rtn,sinq")
+    ap.add_argument("--methods", default="rtn,sinq", help="comma-separated, of rtn, sinq, sinq_fit (default rtn,sinq)")
     ap.add_argument("--out", default="quant_time", help="result file stem in benchmarks/results/")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="skip the run of the reference implementation (sinq==0.2.0) on the same model")
     # internal: one measured run
-    ap.add_argument("--child", choices=("rtn", "sinq", "baseline"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("rtn", "sinq", "sinq_fit", "baseline"), help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
     return ap.parse_args(argv)

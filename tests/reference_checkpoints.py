@@ -315,6 +315,14 @@ def reference_method(method: str, aux: bool) -> str:
     return f"{method}_quantAux" if aux else method
 
 
+def reference_reads(ckpt_dir: Path, out: Path) -> dict:
+    """Read a sinq-vllm checkpoint folder with the reference's reader and per-layer loader
+    (see ``_cmd_read_ours``) and return ``{"weights": {module: SINQLinear.dequantize() in
+    float32}}``. Not cached: the checkpoint is the test's own."""
+    run_reference("read_ours", {"ckpt": str(ckpt_dir), "out": str(out)})
+    return torch.load(out, weights_only=True)
+
+
 def reference_layers(cases: list[dict]) -> Path:
     """Quantize every case with the reference's per-layer path (``SINQLinear(nn.Linear,
     quant_config, device="cpu")`` -> ``Quantizer.quantize``) and write the layers with the
@@ -464,6 +472,27 @@ def _cmd_layers(a: dict) -> None:
     BaseSINQModel.save_weights_safetensors(weights, a["out"])
 
 
+@torch.no_grad()
+def _cmd_read_ours(a: dict) -> None:
+    """The reference's reader of a safetensors checkpoint (``load_weights_safetensors``: index,
+    shards, sidecar) and its per-layer load (``SINQLinear.load_state_dict``), exactly as
+    ``from_quantized_safetensors`` builds each quantized module; its whole-model preflight is
+    not run, as it rejects every sinq-vllm checkpoint for the rotary buffers we drop
+    (docs/format.md §2.12)."""
+    from sinq.patch_model import BaseSINQModel
+    from sinq.sinqlinear import SINQLinear
+
+    weights = {}
+    for name, sd in BaseSINQModel.load_weights_safetensors(a["ckpt"], map_location="cpu").items():
+        if "W_q" not in sd:
+            continue
+        m = SINQLinear(linear_layer=None, quant_config=None, compute_dtype=torch.float32, device="cpu")
+        m.load_state_dict(sd, strict=True)
+        m.meta["compute_dtype"] = torch.float32  # see _float32_reference
+        weights[name] = m.dequantize().float().clone()
+    torch.save({"weights": weights}, a["out"])
+
+
 def _cmd_model_ppl(a: dict) -> None:
     """A real model quantized by the repo API (``quantize_model``, compute_dtype bf16, as
     ``_cmd_repo``), saved with ``save_quantized_safetensors``, reloaded in float32 and scored
@@ -489,7 +518,8 @@ def _cmd_model_ppl(a: dict) -> None:
                                              "count": [p[1] for p in per]}))
 
 
-_COMMANDS = {"repo": _cmd_repo, "hf": _cmd_hf, "layers": _cmd_layers, "model_ppl": _cmd_model_ppl}
+_COMMANDS = {"repo": _cmd_repo, "hf": _cmd_hf, "layers": _cmd_layers, "model_ppl": _cmd_model_ppl,
+             "read_ours": _cmd_read_ours}
 
 
 if __name__ == "__main__":

@@ -524,9 +524,9 @@ def test_cli_quantize(tiny_tied, tmp_path, capsys):
 
 
 def _native_or_skip():
-    from sinq_vllm.quantizer import sinkhorn
+    from sinq_vllm.quantizer.native_ops import native_op
 
-    op = sinkhorn._native_stds()
+    op = native_op("sinkhorn_stds")
     if op is None:
         pytest.skip("the CPU extension (sinkhorn_stds) is not built")
     return op
@@ -556,7 +556,7 @@ def test_quantize_weight_same_with_torch_std(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     w = (0.05 * torch.randn(320, 448, generator=gen) * torch.exp(0.4 * torch.randn(1, 448, generator=gen)))
     native, _ = quantize_weight(w.bfloat16(), 4, 64)
-    monkeypatch.setattr(sinkhorn, "_native_stds", lambda: None)
+    monkeypatch.setattr(sinkhorn, "native_op", lambda name: None)
     plain, _ = quantize_weight(w.bfloat16(), 4, 64)
     assert native.keys() == plain.keys()
     for k in native:

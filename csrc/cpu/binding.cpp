@@ -3,6 +3,9 @@
 //   torch.ops.sinq_vllm.cpu_linear(x, qweight, scales_zeros, col_scales, shard_offsets,
 //                                  bias, nbits, group_size) -> Tensor
 //   torch.ops.sinq_vllm.sinkhorn_stds(m, mu1, mu2) -> (std_rows, std_cols)   (quantizer)
+//   torch.ops.sinq_vllm.group_fit(x, nbits, deltas, lloyd_steps, weights, scales, zeros)
+//       -> (scales, zeros)                                                    (quantizer, sinq_fit)
+//   torch.ops.sinq_vllm.column_scale_step(x, t, scales, zeros, nbits) -> t    (quantizer, sinq_fit)
 //
 // TORCH_LIBRARY_FRAGMENT (not TORCH_LIBRARY) because other extensions of this package
 // (CUDA) register ops in the same `sinq_vllm` namespace. The fake (meta) implementation
@@ -17,11 +20,17 @@ TORCH_LIBRARY_FRAGMENT(sinq_vllm, m) {
       "cpu_linear(Tensor x, Tensor qweight, Tensor scales_zeros, Tensor col_scales, int[] shard_offsets, "
       "Tensor? bias, int nbits, int group_size) -> Tensor");
   m.def("sinkhorn_stds(Tensor m, Tensor? mu1, Tensor? mu2) -> (Tensor, Tensor)");
+  m.def(
+      "group_fit(Tensor x, int nbits, float[] deltas, int lloyd_steps, Tensor? weights, Tensor? scales, "
+      "Tensor? zeros) -> (Tensor, Tensor)");
+  m.def("column_scale_step(Tensor x, Tensor t, Tensor scales, Tensor zeros, int nbits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sinq_vllm, CPU, m) {
   m.impl("cpu_linear", &sinq_cpu::cpu_linear);
   m.impl("sinkhorn_stds", &sinq_cpu::sinkhorn_stds);
+  m.impl("group_fit", &sinq_cpu::group_fit);
+  m.impl("column_scale_step", &sinq_cpu::column_scale_step);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

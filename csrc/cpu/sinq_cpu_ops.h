@@ -20,6 +20,19 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& qweight, const at::
 std::tuple<at::Tensor, at::Tensor> sinkhorn_stds(const at::Tensor& m, const std::optional<at::Tensor>& mu1,
                                                  const std::optional<at::Tensor>& mu2);
 
+// Least-squares scale and float zero per group (last dim of x [T, N, g] fp32) for nbits codes:
+// range search over `deltas` plus `lloyd_steps` Lloyd steps, or, with scales/zeros [T, N, 1]
+// given, `lloyd_steps` Lloyd steps from them. Optional weights [T, g]. Returns (scales, zeros).
+std::tuple<at::Tensor, at::Tensor> group_fit(const at::Tensor& x, int64_t nbits, at::ArrayRef<double> deltas,
+                                             int64_t lloyd_steps, const std::optional<at::Tensor>& weights,
+                                             const std::optional<at::Tensor>& scales,
+                                             const std::optional<at::Tensor>& zeros);
+
+// Least-squares column scales [T, g] of x [T, N, g] for the nearest codes of x / t under
+// scales/zeros [T, N, 1]; a column without a positive finite optimum keeps t.
+at::Tensor column_scale_step(const at::Tensor& x, const at::Tensor& t, const at::Tensor& scales,
+                             const at::Tensor& zeros, int64_t nbits);
+
 // Instruction set the kernels use in this process ("avx512bf16", "avx2" or "scalar").
 std::string isa_name();
 // Instruction sets this CPU can run, best first.

@@ -45,8 +45,10 @@ def add_quantize_parser(subparsers) -> None:
     p.add_argument("--nbits", type=int, default=4, metavar=_NBITS_CHOICES, help="bits per weight (default 4)")
     p.add_argument("--group-size", type=int, default=64, metavar="N",
                    help="weights per scale/zero group along in_features, a multiple of 8, >= 16 (default 64)")
-    p.add_argument("--method", default="sinq", metavar="{sinq,rtn}",
-                   help="sinq: Sinkhorn-normalized (default); rtn: plain round-to-nearest baseline")
+    p.add_argument("--method", default="sinq", metavar="{sinq,rtn,sinq_fit}",
+                   help="sinq: Sinkhorn-normalized, as the reference (default); sinq_fit: SINQ's format with "
+                   "scales, zeros and column scales fitted to the weights (better quality, no calibration); "
+                   "rtn: plain round-to-nearest baseline")
     p.add_argument("--no-aux", dest="aux", action="store_false",
                    help="store scales and zeros in fp16 instead of the default 8-bit quantAux")
     p.add_argument("--no-experts", dest="experts", action="store_false",

@@ -57,6 +57,16 @@ def _on_load(module) -> None:
         def _sinkhorn_stds_fake(m, mu1, mu2):
             return m.new_empty(m.shape[:2]), m.new_empty((m.shape[0], m.shape[2]))
 
+    if hasattr(torch.ops.sinq_vllm, "group_fit"):  # sinq_fit quantizer ops (absent from older builds)
+
+        @torch.library.register_fake("sinq_vllm::group_fit")
+        def _group_fit_fake(x, nbits, deltas, lloyd_steps, weights, scales, zeros):
+            return x.new_empty((*x.shape[:2], 1)), x.new_empty((*x.shape[:2], 1))
+
+        @torch.library.register_fake("sinq_vllm::column_scale_step")
+        def _column_scale_step_fake(x, t, scales, zeros, nbits):
+            return x.new_empty((x.shape[0], x.shape[2]))
+
     logger.info("SINQ: CPU kernel %s loaded, ISA %s", getattr(module, "__name__", "?"), module.isa())
 
 

@@ -21,10 +21,14 @@ from ..format.tensor_specs import expected_tensor_specs
 from ..log import get_logger
 from .rtn import heavy_tailed, quantize_rtn
 from .sinkhorn import sinkhorn_log
+from .sinq_fit import fit_tile_quantize
 
 logger = get_logger(__name__)
 
-METHODS = ("sinq", "rtn")
+METHODS = ("sinq", "rtn", "sinq_fit")
+# Methods that write another method's format: sinq_fit chooses t, s, z and Q differently
+# but stores them exactly as SINQ does (sinq_fit.py), so readers see a SINQ checkpoint.
+_FORMAT_OF = {"sinq_fit": "sinq"}
 MIN_GROUP = 16  # the reference asserts the (possibly halved) tile is at least this
 _SLAB_CHUNK_ELEMS = 1 << 22  # bounds the fp32 temporaries of Sinkhorn to a few 16 MiB buffers
 
@@ -36,12 +40,18 @@ class QuantizedWeight:
     kurtosis_gated: bool  # a "sinq" layer that the reference gate sent to plain RTN
 
 
+def format_method(method: str) -> str:
+    """The method whose on-disk format ``method`` writes (``config.json``'s ``method``)."""
+    return _FORMAT_OF.get(method, method)
+
+
 def stored_method(method: str, aux: bool) -> str:
     """Method string for the sidecar; its substrings are the flags readers test.
 
     "sinq" is what the reference remaps to "sinq_quantAux"; without aux we store plain
     "sinq". RTN layers carry no "sinq" substring, so readers know t == 1.
     """
+    method = format_method(method)
     return f"{method}_quantAux" if aux else method
 
 
@@ -230,9 +240,12 @@ def quantize_weight_detailed(
         logger.info("layer '%s': kurtosis > 5, quantized with plain RTN (as the reference)", name)
     # Gated layers take the reference's RTN branch, Sinkhorn round trip included, so that
     # they match it bit for bit; --method rtn stays plain RTN (our baseline, no Sinkhorn).
-    codes, scale, zero, col = _tile_quantize(
-        w16, group, nbits, use_sinkhorn=method == "sinq" and not gated, sinkhorn_round_trip=gated
-    )
+    if method == "sinq_fit":
+        codes, scale, zero, col = fit_tile_quantize(w16, group, nbits, aux)
+    else:
+        codes, scale, zero, col = _tile_quantize(
+            w16, group, nbits, use_sinkhorn=method == "sinq" and not gated, sinkhorn_round_trip=gated
+        )
     # An inf/NaN weight (e.g. beyond the fp16 range) reaches every scale and zero of its
     # group row, so checking these R values covers the N*K weights.
     _require_finite(name, "a group scale", scale)

@@ -36,7 +36,9 @@ from ..format.layer_meta import LayerMeta
 from ..format.names import DROPPED_BUFFER_SUFFIXES, INDEX_NAME, SIDECAR_NAME
 from ..format.safetensors_io import PlannedTensor, ShardWriter, st_dtype
 from ..log import get_logger
-from .layer import effective_group_size, quantize_weight_detailed, quantized_layout, stored_method, validate_options
+from .layer import (
+    effective_group_size, format_method, quantize_weight_detailed, quantized_layout, stored_method, validate_options,
+)
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
     Shard,
@@ -430,7 +432,7 @@ def quantization_config(nbits, group_size, method, aux, not_converted) -> dict:
         "nbits": nbits,
         "group_size": group_size,
         "tiling_mode": "1D",
-        "method": method,
+        "method": format_method(method),  # Transformers' SinqConfig accepts only its own methods
         "modules_to_not_convert": not_converted,
         "aux": aux,
     }

@@ -21,29 +21,19 @@ which gives torch.std's fp32 values (tests/test_quantizer.py checks both agree).
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from .native_ops import native_op
 
 SINKHORN_ORDER = 16  # what quantize_dual_scale_shift passes
 LOG_MU_MIN, LOG_MU_MAX = -0.3, 10.0
 STEP_MIN, STEP_MAX = 0.7, 2.0  # damping of one update, as a ratio
 
 
-@functools.cache
-def _native_stds():
-    """``torch.ops.sinq_vllm.sinkhorn_stds`` when the CPU extension provides it, else None."""
-    from ..kernels.cpu_backend import load_extension
-
-    if load_extension() is None or not hasattr(torch.ops.sinq_vllm, "sinkhorn_stds"):
-        return None
-    return torch.ops.sinq_vllm.sinkhorn_stds
-
-
 def row_col_std(m: torch.Tensor, mu1: torch.Tensor | None = None, mu2: torch.Tensor | None = None):
     """Unbiased row and column stds of each slab of the iterate ``(m / mu1) / mu2``
     (``m`` fp32 ``[S, H, B]``, ``mu1 [S, B]``, ``mu2 [S, H, 1]``; ``m`` itself without them)."""
-    op = _native_stds() if m.device.type == "cpu" else None
+    op = native_op("sinkhorn_stds") if m.device.type == "cpu" else None
     if op is not None:
         return op(m, mu1, mu2)
     cur = m if mu1 is None else (m / mu1[:, None, :]) / mu2
