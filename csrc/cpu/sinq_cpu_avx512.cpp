@@ -44,65 +44,48 @@ SINQ_T512 static inline void store_f32x16(void* base, int dtype, int64_t idx, __
   }
 }
 
-// Running sums tot[MT][4 sub-blocks]: in registers for one row, else in the caller's
-// L1-resident buffer (MT > 1 needs every register for accumulators).
+// Micro-kernel shape: MT activation rows x SB sub-blocks of 16 output rows per pass over K
+// (4 / SB passes per tile). One or two rows take the whole tile at once (decode: the
+// codes are read once, two accumulator sets hide the dot-product latency); more rows take
+// half a tile per pass so that their running sums stay in registers next to the
+// accumulators (6 rows x 2 sub-blocks: 12 accumulators + 12 sums).
 template <int MT>
-struct Totals {
-  static constexpr bool kReg = MT == 1;
-  __m512 reg[kReg ? 4 : 1];
-  float* mem;
-  SINQ_T512 explicit Totals(float* tot) : mem(tot) {
-    if constexpr (kReg) {
-      for (int sb = 0; sb < 4; ++sb) reg[sb] = _mm512_setzero_ps();
-    } else {
-      std::memset(tot, 0, sizeof(float) * MT * kTileRows);
-    }
-  }
-  SINQ_T512 inline __m512 get(int i, int sb) const {
-    if constexpr (kReg) return reg[sb];
-    return _mm512_loadu_ps(mem + i * kTileRows + sb * kSubRows);
-  }
-  SINQ_T512 inline void set(int i, int sb, __m512 v) {
-    if constexpr (kReg)
-      reg[sb] = v;
-    else
-      _mm512_storeu_ps(mem + i * kTileRows + sb * kSubRows, v);
-  }
-  SINQ_T512 inline void flush() {
-    if constexpr (kReg)
-      for (int sb = 0; sb < 4; ++sb) _mm512_storeu_ps(mem + sb * kSubRows, reg[sb]);
-  }
+struct Shape {
+  static constexpr int kSB = MT <= 2 ? 4 : 2;
+  static constexpr bool kDual = MT <= 2;
+  static constexpr int kA2 = kDual ? MT : 1;
 };
 
-// Weight operands of the bf16 kernels, one load step at a time: values(h) gives, for the 4
-// sub-blocks, the bf16 pair operands of k-pair kPairs * step + h.
+// Weight operands of the bf16 kernels, one load step at a time: values(h) gives, for SB
+// sub-blocks from sb0, the bf16 pair operands of k-pair kPairs * step + h.
+template <int SB>
 struct NibbleCodes {  // a step is one k8 (4 k-pairs); codes -> bf16 through the vpermw table
   static constexpr int kPairs = 4;
-  __m512i w[4], lut, lut_lo;
+  __m512i w[SB], lut, lut_lo;
   SINQ_T512 NibbleCodes(const Params& p)
       : lut(_mm512_loadu_si512(p.lut)), lut_lo(p.lut_lo ? _mm512_loadu_si512(p.lut_lo) : _mm512_setzero_si512()) {}
-  SINQ_T512 inline void load(const uint8_t* qt, int64_t step) {
-    for (int sb = 0; sb < 4; ++sb) w[sb] = _mm512_loadu_si512(qt + step * 256 + sb * 64);
+  SINQ_T512 inline void load(const uint8_t* qt, int64_t step, int sb0) {
+    for (int sb = 0; sb < SB; ++sb) w[sb] = _mm512_loadu_si512(qt + step * 256 + (sb0 + sb) * 64);
   }
   // vpermw reads 5 index bits; the table repeats its 16 entries, so the next nibble's bit is harmless
   SINQ_T512 inline __m512i index(int h, int sb) const { return h == 0 ? w[sb] : _mm512_srli_epi16(w[sb], 4 * h); }
-  SINQ_T512 inline void values(int h, __m512i v[4]) const {
-    for (int sb = 0; sb < 4; ++sb) v[sb] = _mm512_permutexvar_epi16(index(h, sb), lut);
+  SINQ_T512 inline void values(int h, __m512i* v) const {
+    for (int sb = 0; sb < SB; ++sb) v[sb] = _mm512_permutexvar_epi16(index(h, sb), lut);
   }
-  SINQ_T512 inline void lo_values(int h, __m512i v[4]) const {
-    for (int sb = 0; sb < 4; ++sb) v[sb] = _mm512_permutexvar_epi16(index(h, sb), lut_lo);
+  SINQ_T512 inline void lo_values(int h, __m512i* v) const {
+    for (int sb = 0; sb < SB; ++sb) v[sb] = _mm512_permutexvar_epi16(index(h, sb), lut_lo);
   }
 };
 
-template <int KIND>
+template <int SB, int KIND>
 struct ByteCodes {  // a step is 2 k-pairs of one-byte codes
   static constexpr int kPairs = 2;
   const uint8_t* pq = nullptr;
   SINQ_T512 explicit ByteCodes(const Params&) {}
-  SINQ_T512 inline void load(const uint8_t* qt, int64_t step) { pq = qt + step * 256; }
-  SINQ_T512 inline void values(int h, __m512i v[4]) const {
+  SINQ_T512 inline void load(const uint8_t* qt, int64_t step, int sb0) { pq = qt + step * 256 + sb0 * 32; }
+  SINQ_T512 inline void values(int h, __m512i* v) const {
     const uint8_t* ph = pq + h * 128;
-    for (int sb = 0; sb < 4; ++sb) {
+    for (int sb = 0; sb < SB; ++sb) {
       if constexpr (KIND == kByte7) {  // 0x4300 | q: the bf16 number 128 + q
         v[sb] = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ph + sb * 32))),
                                 _mm512_set1_epi16(0x4300));
@@ -118,13 +101,22 @@ struct ByteCodes {  // a step is 2 k-pairs of one-byte codes
   SINQ_T512 inline void lo_values(int, __m512i*) const {}
 };
 
+// scale and zero rows of one group for sub-block sb (fp16 -> fp32)
+SINQ_T512 static inline __m512 group_scale(const uint16_t* szg, int sb) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(szg + sb * 16)));
+}
+SINQ_T512 static inline __m512 group_zero(const uint16_t* szg, int sb) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(szg + 64 + sb * 16)));
+}
+
 // bf16 activations: one dpbf16 per (k-pair, sub-block, row), lanes = output rows; kLo adds
 // the exact residual table of NF codes. tot += s * (acc - (z + off) * xsum) per group.
-template <int MT, class Codes, bool kLo>
+template <int MT, template <int> class Codes, bool kLo>
 SINQ_T512 static void bf16_block(const Params& p, int64_t tile, int64_t xrow0, float* tot) {
-  constexpr bool kDual = MT <= 2;  // two accumulator sets hide the dpbf16 latency
-  constexpr int kA2 = kDual ? MT : 1;
-  const int64_t G = p.G, steps = p.gs / (2 * Codes::kPairs);
+  using Sh = Shape<MT>;
+  constexpr int SB = Sh::kSB;
+  using C = Codes<SB>;
+  const int64_t G = p.G, steps = p.gs / (2 * C::kPairs);
   const uint8_t* __restrict qt = tile_codes(p, tile);
   const uint16_t* __restrict szt = tile_scales(p, tile);
   const uint32_t* xr[MT];
@@ -134,67 +126,74 @@ SINQ_T512 static void bf16_block(const Params& p, int64_t tile, int64_t xrow0, f
     xr[i] = reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(p.xa) + row * p.K);
     xsr[i] = p.xsum + row * G;
   }
-  Totals<MT> tots(tot);
-  Codes codes(p);
+  C codes(p);
   const __m512 off = _mm512_set1_ps(p.off);
 
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 acc[MT][4];
-    __m512 acc2[kA2][4];
+  for (int sb0 = 0; sb0 < 4; sb0 += SB) {
+    __m512 sums[MT][SB];
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i)
 #pragma GCC unroll 4
-      for (int sb = 0; sb < 4; ++sb) acc[i][sb] = _mm512_setzero_ps();
+      for (int sb = 0; sb < SB; ++sb) sums[i][sb] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc[MT][SB];
+      __m512 acc2[Sh::kA2][SB];
 #pragma GCC unroll 8
-    for (int i = 0; i < kA2; ++i)
+      for (int i = 0; i < MT; ++i)
 #pragma GCC unroll 4
-      for (int sb = 0; sb < 4; ++sb) acc2[i][sb] = _mm512_setzero_ps();
+        for (int sb = 0; sb < SB; ++sb) acc[i][sb] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int i = 0; i < Sh::kA2; ++i)
+#pragma GCC unroll 4
+        for (int sb = 0; sb < SB; ++sb) acc2[i][sb] = _mm512_setzero_ps();
 
-    for (int64_t step = g * steps; step < (g + 1) * steps; ++step) {
-      codes.load(qt, step);
+      for (int64_t step = g * steps; step < (g + 1) * steps; ++step) {
+        codes.load(qt, step, sb0);
 #pragma GCC unroll 4
-      for (int h = 0; h < Codes::kPairs; ++h) {
-        __m512i v[4], vl[4];
-        codes.values(h, v);
-        if constexpr (kLo) codes.lo_values(h, vl);
+        for (int h = 0; h < C::kPairs; ++h) {
+          __m512i v[SB], vl[SB];
+          codes.values(h, v);
+          if constexpr (kLo) codes.lo_values(h, vl);
 #pragma GCC unroll 8
-        for (int i = 0; i < MT; ++i) {
-          const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xr[i][Codes::kPairs * step + h]);
+          for (int i = 0; i < MT; ++i) {
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xr[i][C::kPairs * step + h]);
 #pragma GCC unroll 4
-          for (int sb = 0; sb < 4; ++sb) {
-            __m512& a = (kDual && (h & 1)) ? acc2[i < kA2 ? i : 0][sb] : acc[i][sb];
-            a = _mm512_dpbf16_ps(a, (__m512bh)v[sb], xb);
-            if constexpr (kLo) a = _mm512_dpbf16_ps(a, (__m512bh)vl[sb], xb);
+            for (int sb = 0; sb < SB; ++sb) {
+              __m512& a = (Sh::kDual && (h & 1)) ? acc2[i < Sh::kA2 ? i : 0][sb] : acc[i][sb];
+              a = _mm512_dpbf16_ps(a, (__m512bh)v[sb], xb);
+              if constexpr (kLo) a = _mm512_dpbf16_ps(a, (__m512bh)vl[sb], xb);
+            }
           }
         }
       }
-    }
 
-    const uint16_t* szg = szt + g * 128;
+      const uint16_t* szg = szt + g * 128;
 #pragma GCC unroll 4
-    for (int sb = 0; sb < 4; ++sb) {
-      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(szg + sb * 16)));
-      const __m512 zo =
-          _mm512_add_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(szg + 64 + sb * 16))), off);
+      for (int sb = 0; sb < SB; ++sb) {
+        const __m512 s = group_scale(szg, sb0 + sb);
+        const __m512 zo = _mm512_add_ps(group_zero(szg, sb0 + sb), off);
 #pragma GCC unroll 8
-      for (int i = 0; i < MT; ++i) {
-        __m512 a = acc[i][sb];
-        if constexpr (kDual) a = _mm512_add_ps(a, acc2[i < kA2 ? i : 0][sb]);
-        const __m512 d = _mm512_fnmadd_ps(zo, _mm512_set1_ps(xsr[i][g]), a);
-        tots.set(i, sb, _mm512_fmadd_ps(d, s, tots.get(i, sb)));
+        for (int i = 0; i < MT; ++i) {
+          __m512 a = acc[i][sb];
+          if constexpr (Sh::kDual) a = _mm512_add_ps(a, acc2[i < Sh::kA2 ? i : 0][sb]);
+          sums[i][sb] = _mm512_fmadd_ps(_mm512_fnmadd_ps(zo, _mm512_set1_ps(xsr[i][g]), a), s, sums[i][sb]);
+        }
       }
     }
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 4
+      for (int sb = 0; sb < SB; ++sb) _mm512_storeu_ps(tot + i * kTileRows + (sb0 + sb) * kSubRows, sums[i][sb]);
   }
-  tots.flush();
 }
 
 // Nibble codes, int8 activations: u8 codes (low / high nibbles) x s8 activations, exact
 // int32 sums per group, then tot += s * d * acc - (z * s) * (d * sum xq).
 template <int MT>
-SINQ_T512 static void nibble_int8(const Params& p, int64_t tile, int64_t xrow0, float* tot) {
-  constexpr bool kDual = MT <= 2;  // low and high nibbles into separate chains
-  constexpr int kA2 = kDual ? MT : 1;
-  const int64_t G = p.G, gs = p.gs;
+SINQ_T512 static void int8_block(const Params& p, int64_t tile, int64_t xrow0, float* tot) {
+  using Sh = Shape<MT>;
+  constexpr int SB = Sh::kSB;
+  const int64_t G = p.G, steps = p.gs / 8;
   const uint8_t* __restrict qt = tile_codes(p, tile);
   const uint16_t* __restrict szt = tile_scales(p, tile);
   const int32_t* xr[MT];
@@ -206,78 +205,91 @@ SINQ_T512 static void nibble_int8(const Params& p, int64_t tile, int64_t xrow0, 
     dr[i] = p.xd + row * G;
     er[i] = p.xsum + row * G;
   }
-  Totals<MT> tots(tot);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
 
-  for (int64_t g = 0; g < G; ++g) {
-    __m512i acc[MT][4];
-    __m512i acc2[kA2][4];
+  for (int sb0 = 0; sb0 < 4; sb0 += SB) {
+    __m512 sums[MT][SB];
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i)
 #pragma GCC unroll 4
-      for (int sb = 0; sb < 4; ++sb) acc[i][sb] = _mm512_setzero_si512();
+      for (int sb = 0; sb < SB; ++sb) sums[i][sb] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m512i acc[MT][SB];
+      __m512i acc2[Sh::kA2][SB];  // high nibbles in their own chains (one or two rows)
 #pragma GCC unroll 8
-    for (int i = 0; i < kA2; ++i)
+      for (int i = 0; i < MT; ++i)
 #pragma GCC unroll 4
-      for (int sb = 0; sb < 4; ++sb) acc2[i][sb] = _mm512_setzero_si512();
+        for (int sb = 0; sb < SB; ++sb) acc[i][sb] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int i = 0; i < Sh::kA2; ++i)
+#pragma GCC unroll 4
+        for (int sb = 0; sb < SB; ++sb) acc2[i][sb] = _mm512_setzero_si512();
 
-    const int64_t q0 = g * (gs / 8), q1 = q0 + gs / 8;
-    for (int64_t k8 = q0; k8 < q1; ++k8) {
-      const uint8_t* pq = qt + k8 * 256;
-      __m512i lo[4], hi[4];
+      for (int64_t k8 = g * steps; k8 < (g + 1) * steps; ++k8) {
+        const uint8_t* pq = qt + k8 * 256 + sb0 * 64;
+        __m512i lo[SB], hi[SB];
 #pragma GCC unroll 4
-      for (int sb = 0; sb < 4; ++sb) {
-        const __m512i w = _mm512_loadu_si512(pq + sb * 64);
-        lo[sb] = _mm512_and_si512(w, low4);
-        hi[sb] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-      }
+        for (int sb = 0; sb < SB; ++sb) {
+          const __m512i w = _mm512_loadu_si512(pq + sb * 64);
+          lo[sb] = _mm512_and_si512(w, low4);
+          hi[sb] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+        }
 #pragma GCC unroll 8
-      for (int i = 0; i < MT; ++i) {
-        const __m512i xa = _mm512_set1_epi32(xr[i][2 * k8]);
-        const __m512i xb = _mm512_set1_epi32(xr[i][2 * k8 + 1]);
+        for (int i = 0; i < MT; ++i) {
+          const __m512i xa = _mm512_set1_epi32(xr[i][2 * k8]);
+          const __m512i xb = _mm512_set1_epi32(xr[i][2 * k8 + 1]);
 #pragma GCC unroll 4
-        for (int sb = 0; sb < 4; ++sb) {
-          acc[i][sb] = _mm512_dpbusd_epi32(acc[i][sb], lo[sb], xa);
-          __m512i& a2 = kDual ? acc2[i < kA2 ? i : 0][sb] : acc[i][sb];
-          a2 = _mm512_dpbusd_epi32(a2, hi[sb], xb);
+          for (int sb = 0; sb < SB; ++sb) {
+            acc[i][sb] = _mm512_dpbusd_epi32(acc[i][sb], lo[sb], xa);
+            __m512i& a2 = Sh::kDual ? acc2[i < Sh::kA2 ? i : 0][sb] : acc[i][sb];
+            a2 = _mm512_dpbusd_epi32(a2, hi[sb], xb);
+          }
+        }
+      }
+
+      const uint16_t* szg = szt + g * 128;
+#pragma GCC unroll 4
+      for (int sb = 0; sb < SB; ++sb) {
+        const __m512 s = group_scale(szg, sb0 + sb);
+        const __m512 zs = _mm512_mul_ps(group_zero(szg, sb0 + sb), s);
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; ++i) {
+          __m512i a = acc[i][sb];
+          if constexpr (Sh::kDual) a = _mm512_add_epi32(a, acc2[i < Sh::kA2 ? i : 0][sb]);
+          const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(dr[i][g]));
+          sums[i][sb] = _mm512_fnmadd_ps(zs, _mm512_set1_ps(er[i][g]), _mm512_fmadd_ps(v, s, sums[i][sb]));
         }
       }
     }
-
-    const uint16_t* szg = szt + g * 128;
-#pragma GCC unroll 4
-    for (int sb = 0; sb < 4; ++sb) {
-      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(szg + sb * 16)));
-      const __m512 zs = _mm512_mul_ps(
-          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(szg + 64 + sb * 16))), s);
 #pragma GCC unroll 8
-      for (int i = 0; i < MT; ++i) {
-        __m512i a = acc[i][sb];
-        if constexpr (kDual) a = _mm512_add_epi32(a, acc2[i < kA2 ? i : 0][sb]);
-        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(dr[i][g]));
-        const __m512 e = _mm512_set1_ps(er[i][g]);
-        tots.set(i, sb, _mm512_fnmadd_ps(zs, e, _mm512_fmadd_ps(v, s, tots.get(i, sb))));
-      }
-    }
+    for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 4
+      for (int sb = 0; sb < SB; ++sb) _mm512_storeu_ps(tot + i * kTileRows + (sb0 + sb) * kSubRows, sums[i][sb]);
   }
-  tots.flush();
 }
 
+template <int SB>
+using Byte7 = ByteCodes<SB, kByte7>;
+template <int SB>
+using Byte8 = ByteCodes<SB, kByte8>;
+
 // F<MT> for a run-time mt in [1, kMicroRows]
-#define SINQ_ROWS_SWITCH(CALL)      \
-  switch (mt) {                     \
-    case 1: CALL(1); break;         \
-    case 2: CALL(2); break;         \
-    case 3: CALL(3); break;         \
-    default: CALL(4); break;        \
+#define SINQ_ROWS_SWITCH(CALL) \
+  switch (mt) {                \
+    case 1: CALL(1); break;    \
+    case 2: CALL(2); break;    \
+    case 3: CALL(3); break;    \
+    case 4: CALL(4); break;    \
+    case 5: CALL(5); break;    \
+    default: CALL(6); break;   \
   }
-static_assert(kMicroRows == 4, "SINQ_ROWS_SWITCH covers 1..4 rows");
+static_assert(kMicroRows == 6, "SINQ_ROWS_SWITCH covers 1..6 rows");
 
 SINQ_T512 static void block(const Params& p, int64_t tile, int64_t xrow0, int mt, float* tot) {
   switch (code_kind(p.nbits)) {
     case kNibble:
       if (p.int8) {
-#define SINQ_CALL(R) nibble_int8<R>(p, tile, xrow0, tot)
+#define SINQ_CALL(R) int8_block<R>(p, tile, xrow0, tot)
         SINQ_ROWS_SWITCH(SINQ_CALL)
 #undef SINQ_CALL
       } else if (p.lut_lo) {
@@ -291,12 +303,12 @@ SINQ_T512 static void block(const Params& p, int64_t tile, int64_t xrow0, int mt
       }
       break;
     case kByte7:
-#define SINQ_CALL(R) bf16_block<R, ByteCodes<kByte7>, false>(p, tile, xrow0, tot)
+#define SINQ_CALL(R) bf16_block<R, Byte7, false>(p, tile, xrow0, tot)
       SINQ_ROWS_SWITCH(SINQ_CALL)
 #undef SINQ_CALL
       break;
     default:
-#define SINQ_CALL(R) bf16_block<R, ByteCodes<kByte8>, false>(p, tile, xrow0, tot)
+#define SINQ_CALL(R) bf16_block<R, Byte8, false>(p, tile, xrow0, tot)
       SINQ_ROWS_SWITCH(SINQ_CALL)
 #undef SINQ_CALL
       break;

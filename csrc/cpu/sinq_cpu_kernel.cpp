@@ -288,16 +288,17 @@ at::Tensor cpu_linear(const at::Tensor& x_in, const at::Tensor& qweight, const a
   p.Mp = Mp;
   p.split = split;
   // Row chunks keep a block of activations in L2 while the weight tiles stream past it;
-  // decode-sized batches are one chunk (work items = tiles).
-  const int64_t chunk = std::max<int64_t>(kMicroRows, kChunkBytes / xa_row_bytes / kMicroRows * kMicroRows);
-  p.chunk_rows = std::min(chunk, (Mp + kMicroRows - 1) / kMicroRows * kMicroRows);
+  // decode-sized batches are one chunk (work items = tiles). Chunks of equal size, in
+  // whole micro blocks, so that no chunk streams all weights for a few rows.
+  const int64_t max_chunk = std::max<int64_t>(1, kChunkBytes / xa_row_bytes / kMicroRows) * kMicroRows;
+  const int64_t n_chunks = (Mp + max_chunk - 1) / max_chunk;
+  p.chunk_rows = ((Mp + n_chunks - 1) / n_chunks + kMicroRows - 1) / kMicroRows * kMicroRows;
   p.y = y.data_ptr();
   p.y_dtype = x_dt;
   p.ldy = N;
   p.bias = bias_ptr;
   p.bias_dtype = bias_dt;
 
-  const int64_t n_chunks = (Mp + p.chunk_rows - 1) / p.chunk_rows;
   at::parallel_for(0, n_chunks * T, 1, [&](int64_t i0, int64_t i1) { run_items(kr, p, i0, i1); });
   return y;
 }

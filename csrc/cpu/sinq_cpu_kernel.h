@@ -52,9 +52,9 @@ namespace sinq_cpu {
 
 constexpr int kTileRows = 64;
 constexpr int kSubRows = 16;
-constexpr int kMicroRows = 4;   // activation rows per micro-kernel call; even (hi/lo pairs)
+constexpr int kMicroRows = 6;   // activation rows per micro-kernel call; even (hi/lo pairs)
 constexpr int kLutSize = 32;    // vpermw table: entry i is the value of code i & 15
-constexpr int64_t kChunkBytes = int64_t(256) << 10;  // activation bytes per row chunk (stays in L2)
+constexpr int64_t kChunkBytes = int64_t(384) << 10;  // activation bytes per row chunk at most (stays in L2)
 static_assert(kMicroRows % 2 == 0, "hi/lo row pairs must never straddle a micro-kernel call");
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
