@@ -44,6 +44,17 @@
 // with exact int32 dot products (_mm512_dpbusd_epi32: twice the multiply-adds per
 // instruction of _mm512_dpbf16_ps). Group sizes must be multiples of 8 (one nibble word
 // spans 8 k).
+//
+// Work split (run_items): a work item is (row chunk, tile); row chunks hold at most
+// kChunkBytes of activations, so that a chunk stays in L2 while all weight tiles stream
+// past it (decode-sized batches are a single chunk, and the items are the tiles). Inside
+// an item, micro blocks of up to kMicroRows activation rows: one or two rows sweep the
+// whole tile at once (the codes are read once; two accumulator sets hide the dot-product
+// latency), more rows sweep it in two halves so that the running sums stay in registers.
+// On AMD Zen 4 the dot products share their pipes with every fp32 multiply/FMA, while
+// the code decoding (shifts, masks, vpermw) and int <-> float conversions run beside
+// them: the per-group epilogue (2 FMAs per accumulator in bf16, 3 in int8) is the cost
+// to keep small, not the decoding.
 #pragma once
 
 #include <cstdint>
