@@ -1,7 +1,7 @@
 // Registration of the SINQ CPU op as a torch custom op, plus a few Python helpers.
 //
 //   torch.ops.sinq_vllm.cpu_linear(x, qweight, scales_zeros, col_scales, shard_offsets,
-//                                  bias, nbits, group_size) -> Tensor
+//                                  bias, nbits, group_size, codebook=None, int8_act=False) -> Tensor
 //   torch.ops.sinq_vllm.sinkhorn_stds(m, mu1, mu2) -> (std_rows, std_cols)   (quantizer)
 //   torch.ops.sinq_vllm.group_fit(x, nbits, deltas, lloyd_steps, weights, scales, zeros)
 //       -> (scales, zeros)                                                    (quantizer, sinq_fit)
@@ -18,7 +18,7 @@
 TORCH_LIBRARY_FRAGMENT(sinq_vllm, m) {
   m.def(
       "cpu_linear(Tensor x, Tensor qweight, Tensor scales_zeros, Tensor col_scales, int[] shard_offsets, "
-      "Tensor? bias, int nbits, int group_size) -> Tensor");
+      "Tensor? bias, int nbits, int group_size, Tensor? codebook=None, bool int8_act=False) -> Tensor");
   m.def("sinkhorn_stds(Tensor m, Tensor? mu1, Tensor? mu2) -> (Tensor, Tensor)");
   m.def(
       "group_fit(Tensor x, int nbits, float[] deltas, int lloyd_steps, Tensor? weights, Tensor? scales, "
@@ -34,7 +34,7 @@ TORCH_LIBRARY_IMPL(sinq_vllm, CPU, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "SINQ linear op for CPU (AVX-512 BF16 / AVX2 / scalar, chosen at run time)";
+  m.doc() = "SINQ linear op for CPU (AVX-512 BF16/VNNI, AVX2 or scalar, chosen at run time)";
   m.def("isa", &sinq_cpu::isa_name, "instruction set the kernels use now");
   m.def("supported_isas", &sinq_cpu::supported_isas, "instruction sets this CPU can run, best first");
   m.def("set_isa", &sinq_cpu::set_isa, "force an instruction set ('auto' for the best); returns the one in use");

@@ -1,13 +1,12 @@
-// SINQ linear op on CPU: argument checks, activation preparation, threading, run-time
-// ISA dispatch, and the portable scalar kernel. The SIMD kernels live in
-// sinq_cpu_avx512.cpp (AVX-512 + AVX512_BF16) and sinq_cpu_avx2.cpp (AVX2 + FMA); this
-// file is compiled for the baseline target only.
+// SINQ linear op on CPU: argument checks, code-value tables, activation preparation,
+// work split and threading, run-time ISA dispatch. The kernels live in sinq_cpu_avx512.cpp
+// (AVX-512 + AVX512_BF16/VNNI), sinq_cpu_avx2.cpp (AVX2 + FMA) and sinq_cpu_scalar.cpp
+// (portable, plus the work-item driver they share); this file is compiled for the
+// baseline target only.
 #include "sinq_cpu_kernel.h"
 #include "sinq_cpu_ops.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
@@ -28,7 +27,8 @@ bool cpu_has(int isa) {
   if (isa == kAvx512Bf16)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+           __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (isa == kAvx2)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
@@ -90,117 +90,6 @@ std::string set_isa(const std::string& name) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Portable scalar kernel (same layout, direct codes, offset 0)
-// ---------------------------------------------------------------------------------------
-namespace {
-
-inline float bf16_bits_to_f(uint16_t h) {
-  const uint32_t u = (uint32_t)h << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f_to_bf16_bits(float f) { return c10::BFloat16(f).x; }
-
-inline float load_f(const void* base, int dtype, int64_t i) {
-  switch (dtype) {
-    case kF32: return static_cast<const float*>(base)[i];
-    case kF16: return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
-    default: return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
-  }
-}
-
-inline void store_f(void* base, int dtype, int64_t i, float v) {
-  switch (dtype) {
-    case kF32: static_cast<float*>(base)[i] = v; break;
-    case kF16: static_cast<c10::Half*>(base)[i] = c10::Half(v); break;
-    default: static_cast<c10::BFloat16*>(base)[i] = c10::BFloat16(v); break;
-  }
-}
-
-inline int code_at(const uint8_t* qt, int nbits, int r, int64_t k) {
-  const int sb = r / 16, rr = r % 16;
-  if (nbits <= 4) {
-    const int64_t k8 = k / 8;
-    const int within = (int)(k % 8), e = within % 2, h = within / 2;
-    const uint8_t* wp = qt + k8 * 256 + sb * 64 + 2 * (2 * rr + e);
-    const int word = wp[0] | (wp[1] << 8);
-    return (word >> (4 * h)) & 0xF;
-  }
-  const int64_t kp = k / 2;
-  return qt[kp * 128 + sb * 32 + 2 * rr + (int)(k % 2)];
-}
-
-}  // namespace
-
-void run_items_scalar(const Params& p, int64_t i0, int64_t i1) {
-  const int64_t K = p.K, G = p.G, gs = p.gs;
-  const int step = p.split ? 2 : 1;
-  std::vector<float> xf(K);
-  for (int64_t it = i0; it < i1; ++it) {
-    const int64_t tile = it / p.nmc, mc = it % p.nmc;
-    const TileInfo& ti = p.tiles[tile];
-    const uint8_t* qt = p.qw + tile * tile_bytes(p.nbits, K);
-    const uint16_t* szt = p.sz + tile * G * 128;
-    const int64_t r0 = mc * kChunkRows;
-    const int64_t r1 = std::min<int64_t>(r0 + kChunkRows, p.Mp);
-    for (int64_t xrow = r0; xrow < r1; xrow += step) {
-      const int64_t m = xrow / step;
-      for (int r = 0; r < ti.rows; ++r) {
-        float y = 0.f;
-        for (int h = 0; h < step; ++h) {
-          const uint16_t* xb = p.xb + ((int64_t)ti.shard * p.Mp + xrow + h) * K;
-          for (int64_t g = 0; g < G; ++g) {
-            float acc = 0.f, xs = 0.f;
-            for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
-              const float xv = bf16_bits_to_f(xb[k]);
-              acc += xv * (float)code_at(qt, p.nbits, r, k);
-              xs += xv;
-            }
-            const float s = static_cast<float>(c10::Half(szt[g * 128 + r], c10::Half::from_bits()));
-            const float z = static_cast<float>(c10::Half(szt[g * 128 + 64 + r], c10::Half::from_bits()));
-            y += s * (acc - z * xs);
-          }
-        }
-        const int64_t n = (int64_t)ti.row0 + r;
-        if (p.bias) y += load_f(p.bias, p.bias_dtype, n);
-        store_f(p.y, p.y_dtype, m * p.ldy + n, y);
-      }
-    }
-  }
-}
-
-void prep_x_scalar(const XPrep& q, int64_t r0, int64_t r1) {
-  const int64_t K = q.K, G = q.G, gs = q.gs;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t s = r / q.M, m = r % q.M;
-    const float* t = q.t + s * K;
-    const int64_t xrow = s * q.Mp + (q.split ? 2 * m : m);
-    uint16_t* hi = q.xb + xrow * K;
-    uint16_t* lo = hi + K;
-    float* sh = q.xsum + xrow * G;
-    float* sl = sh + G;
-    for (int64_t g = 0; g < G; ++g) {
-      float ah = 0.f, al = 0.f;
-      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
-        const float v = load_f(q.x, q.x_dtype, m * q.ldx + k) * t[k];
-        const uint16_t h = f_to_bf16_bits(v);
-        hi[k] = h;
-        ah += bf16_bits_to_f(h);
-        if (q.split) {
-          const uint16_t l = f_to_bf16_bits(v - bf16_bits_to_f(h));
-          lo[k] = l;
-          al += bf16_bits_to_f(l);
-        }
-      }
-      sh[g] = ah;
-      if (q.split) sl[g] = al;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------
 // The op
 // ---------------------------------------------------------------------------------------
 namespace {
@@ -231,16 +120,59 @@ struct Buf {
 };
 
 struct Scratch {
-  Buf<uint16_t> xb;
-  Buf<float> xsum;
+  Buf<uint8_t> xa;
+  Buf<float> xsum, xd;
   std::vector<TileInfo> tiles;
 };
+
+const Kernels& kernels_for(int isa) {
+#ifdef SINQ_CPU_X86
+  if (isa == kAvx512Bf16) return avx512bf16_kernels();
+  if (isa == kAvx2) return avx2_kernels();
+#endif
+  return scalar_kernels();
+}
+
+// bf16 tables of the code values (sinq_cpu_kernel.h): uniform codes 128 + q, or the
+// codebook's values split exactly into hi + lo.
+struct CodeTables {
+  uint16_t hi[kLutSize], lo[kLutSize];
+  float off;
+  bool uniform;
+};
+
+CodeTables code_tables(const std::optional<at::Tensor>& codebook, int64_t nbits) {
+  CodeTables ct{};
+  ct.uniform = !(codebook.has_value() && codebook->defined());
+  if (ct.uniform) {
+    for (int i = 0; i < kLutSize; ++i) ct.hi[i] = (uint16_t)(0x4300 | (i & 15));
+    ct.off = 128.f;
+    return ct;
+  }
+  const at::Tensor& cb = *codebook;
+  TORCH_CHECK(nbits <= 4, "sinq_vllm::cpu_linear: a codebook needs codes of at most 4 bits, got ", nbits);
+  TORCH_CHECK(cb.scalar_type() == at::kFloat && cb.dim() == 1 && cb.is_contiguous() && cb.numel() == (int64_t(1) << nbits),
+              "sinq_vllm::cpu_linear: codebook must be a contiguous float32 tensor of ", int64_t(1) << nbits,
+              " values for ", nbits, "-bit codes");
+  const float* v = cb.data_ptr<float>();
+  for (int i = 0; i < kLutSize; ++i) {
+    const int q = i & 15;
+    const float value = q < cb.numel() ? v[q] : 0.f;
+    ct.hi[i] = float_to_bf16(value);
+    ct.lo[i] = float_to_bf16(value - bf16_to_float(ct.hi[i]));
+    TORCH_CHECK(bf16_to_float(ct.hi[i]) + bf16_to_float(ct.lo[i]) == value, "sinq_vllm::cpu_linear: codebook value ",
+                value, " has more than 16 significant bits (fp16 values always fit)");
+  }
+  ct.off = 0.f;
+  return ct;
+}
 
 }  // namespace
 
 at::Tensor cpu_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales_zeros,
                       const at::Tensor& col_scales, c10::IntArrayRef shard_offsets,
-                      const std::optional<at::Tensor>& bias_in, int64_t nbits, int64_t group_size) {
+                      const std::optional<at::Tensor>& bias_in, int64_t nbits, int64_t group_size,
+                      const std::optional<at::Tensor>& codebook, bool int8_act) {
   TORCH_CHECK(x_in.device().is_cpu(), "sinq_vllm::cpu_linear: x must be a CPU tensor");
   TORCH_CHECK(nbits >= 2 && nbits <= 8 && nbits != 7, "sinq_vllm::cpu_linear: unsupported nbits ", nbits);
   TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "sinq_vllm::cpu_linear: group_size must be a multiple of 8, got ",
@@ -253,6 +185,10 @@ at::Tensor cpu_linear(const at::Tensor& x_in, const at::Tensor& qweight, const a
   const int64_t G = K / group_size;
   const int64_t S = (int64_t)shard_offsets.size() - 1;
   const int64_t N = shard_offsets.back();
+  const CodeTables ct = code_tables(codebook, nbits);
+  TORCH_CHECK(!int8_act || (nbits <= 4 && ct.uniform),
+              "sinq_vllm::cpu_linear: int8 activations need uniform codes of at most 4 bits (got ", nbits, "-bit",
+              ct.uniform ? "" : " codebook", " codes)");
 
   thread_local Scratch sc;
   sc.tiles.clear();
@@ -295,25 +231,37 @@ at::Tensor cpu_linear(const at::Tensor& x_in, const at::Tensor& qweight, const a
     bias_ptr = bias.data_ptr();
   }
 
-  const bool split = x_dt != kBF16;
+  const bool split = !int8_act && x_dt != kBF16;
   const int64_t Mp = split ? 2 * M : M;
+  const int64_t xa_row_bytes = int8_act ? K : 2 * K;
   // Decode-sized activation buffers are reused across calls (per calling thread); large
   // (prefill) ones are allocated per call so that no thread keeps tens of MB around.
-  const size_t xb_elems = (size_t)(S * Mp * K), xs_elems = (size_t)(S * Mp * G);
+  const size_t xa_bytes = (size_t)(S * Mp * xa_row_bytes), xs_elems = (size_t)(S * Mp * G);
   Scratch big;
-  Scratch& buf = xb_elems * sizeof(uint16_t) <= kKeepScratchBytes ? sc : big;
-  uint16_t* xb_ptr = buf.xb.get(xb_elems);
-  float* xsum_ptr = buf.xsum.get(xs_elems);
+  Scratch& buf = xa_bytes <= kKeepScratchBytes ? sc : big;
+  uint8_t* xa = buf.xa.get(xa_bytes);
+  float* xsum = buf.xsum.get(xs_elems);
+  float* xd = int8_act ? buf.xd.get(xs_elems) : nullptr;
 
-  const int isa = isa_slot().load();
+  const Kernels& kr = kernels_for(isa_slot().load());
 
-  XPrep q{x2.data_ptr(), x_dt, x2.stride(0), col_scales.data_ptr<float>(), S, M, K, G, group_size, Mp, split,
-          xb_ptr, xsum_ptr};
+  // x * t once per shard and activation row, in the kernels' format
+  const char* xbase = static_cast<const char*>(x2.data_ptr());
+  const int64_t xstride = x2.stride(0) * dtype_bytes(x_dt);
+  const float* t = col_scales.data_ptr<float>();
   auto prep = [&](int64_t r0, int64_t r1) {
-#ifdef SINQ_CPU_X86
-    if (isa == kAvx512Bf16) return prep_x_avx512bf16(q, r0, r1);
-#endif
-    prep_x_scalar(q, r0, r1);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t s = r / M, m = r % M;
+      const int64_t xrow = s * Mp + (split ? 2 * m : m);
+      if (int8_act) {
+        kr.prep_int8(xbase + m * xstride, x_dt, t + s * K, K, group_size, reinterpret_cast<int8_t*>(xa) + xrow * K,
+                     xd + xrow * G, xsum + xrow * G);
+      } else {
+        uint16_t* hi = reinterpret_cast<uint16_t*>(xa) + xrow * K;
+        kr.prep_bf16(xbase + m * xstride, x_dt, t + s * K, K, group_size, hi, split ? hi + K : nullptr, xsum + xrow * G,
+                     split ? xsum + (xrow + 1) * G : nullptr);
+      }
+    }
   };
   if (S * M * K >= (int64_t)1 << 16)
     at::parallel_for(0, S * M, 1, prep);
@@ -323,30 +271,35 @@ at::Tensor cpu_linear(const at::Tensor& x_in, const at::Tensor& qweight, const a
   Params p{};
   p.qw = qweight.data_ptr<uint8_t>();
   p.sz = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr<at::Half>());
-  p.xb = xb_ptr;
-  p.xsum = xsum_ptr;
   p.tiles = sc.tiles.data();
   p.num_tiles = T;
   p.K = K;
   p.G = G;
   p.gs = group_size;
   p.nbits = (int)nbits;
+  p.lut = ct.hi;
+  p.lut_lo = !ct.uniform && split ? ct.lo : nullptr;
+  p.off = code_kind((int)nbits) == kByte8 ? 0.f : ct.off;
+  p.uniform = ct.uniform;
+  p.int8 = int8_act;
+  p.xa = xa;
+  p.xsum = xsum;
+  p.xd = xd;
   p.Mp = Mp;
   p.split = split;
-  p.nmc = (Mp + kChunkRows - 1) / kChunkRows;
+  // Row chunks keep a block of activations in L2 while the weight tiles stream past it;
+  // decode-sized batches are one chunk (work items = tiles). Chunks of equal size, in
+  // whole micro blocks, so that no chunk streams all weights for a few rows.
+  const int64_t max_chunk = std::max<int64_t>(1, kChunkBytes / xa_row_bytes / kMicroRows) * kMicroRows;
+  const int64_t n_chunks = (Mp + max_chunk - 1) / max_chunk;
+  p.chunk_rows = ((Mp + n_chunks - 1) / n_chunks + kMicroRows - 1) / kMicroRows * kMicroRows;
   p.y = y.data_ptr();
   p.y_dtype = x_dt;
   p.ldy = N;
   p.bias = bias_ptr;
   p.bias_dtype = bias_dt;
 
-  at::parallel_for(0, T * p.nmc, 1, [&](int64_t i0, int64_t i1) {
-#ifdef SINQ_CPU_X86
-    if (isa == kAvx512Bf16) return run_items_avx512bf16(p, i0, i1);
-    if (isa == kAvx2) return run_items_avx2(p, i0, i1);
-#endif
-    run_items_scalar(p, i0, i1);
-  });
+  at::parallel_for(0, n_chunks * T, 1, [&](int64_t i0, int64_t i1) { run_items(kr, p, i0, i1); });
   return y;
 }
 

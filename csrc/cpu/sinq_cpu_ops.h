@@ -11,9 +11,12 @@
 namespace sinq_cpu {
 
 // y[..., N] = SINQ linear of x[..., K] on the resident layout described in sinq_cpu_kernel.h.
+// codebook: float32 [2^nbits] code values (NF4/NF3), absent for uniform codes; int8_act:
+// quantize the activations to int8 per (row, group) (uniform codes of <= 4 bits only).
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_zeros,
                       const at::Tensor& col_scales, c10::IntArrayRef shard_offsets,
-                      const std::optional<at::Tensor>& bias, int64_t nbits, int64_t group_size);
+                      const std::optional<at::Tensor>& bias, int64_t nbits, int64_t group_size,
+                      const std::optional<at::Tensor>& codebook, bool int8_act);
 
 // Row and column stds (unbiased) of (m / mu1) / mu2 per slab, m [S, H, B] fp32, mu1 [S, B],
 // mu2 [S, H, 1] (both absent: of m itself); equal to torch.std's fp32 results.

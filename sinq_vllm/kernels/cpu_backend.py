@@ -2,7 +2,7 @@
 
 The op is registered by the compiled extension ``sinq_vllm._C_cpu``, loaded (or
 JIT-built from csrc/cpu; ``SINQ_VLLM_CPU_JIT=0`` disables that) by ``kernels/native.py``.
-The kernel picks AVX-512+AVX512_BF16, AVX2 or a scalar loop at run time
+The kernel picks AVX-512 (AVX512_BF16 + AVX512_VNNI), AVX2 or a scalar loop at run time
 (``SINQ_VLLM_CPU_ISA`` forces one).
 
 Resident layout (``prepare``), documented in csrc/cpu/sinq_cpu_kernel.h: tiles of 64
@@ -11,7 +11,17 @@ output rows, each merged-layer shard padded on its own to a multiple of 64 rows;
   codes are stored as 4-bit nibbles: same fast kernel, 0.5 byte per weight), nbits 5, 6
   and 8 as one byte per code ``[T, K/2, 4, 32]`` (slower, 1 byte per weight);
 * ``scales_zeros`` fp16 ``[T, G, 2, 64]``: the checkpoint's scales and float zeros;
-* ``col_scales`` fp32 ``[S, K]``.
+* ``col_scales`` fp32 ``[S, K]``;
+* ``codebook`` fp32 ``[2^nbits]`` (NF4/NF3 layers only): the code values, fp16-rounded as
+  the reference computes (``sinq_vllm.format.codebooks``).
+
+Activations (``SINQ_VLLM_CPU_ACT``, docs/design.md §4.2):
+* ``exact`` (default): ``x * t`` in bf16 (plus a bf16 remainder row for fp16/fp32
+  activations), exact bf16 products, fp32 sums;
+* ``int8``: ``x * t`` quantized to int8 per (row, group), exact int32 dot products with
+  the codes: about twice the multiply-add rate where the op is compute-bound (batches,
+  prefill), at the cost of an activation rounding error of up to max|x t| / 254 per group.
+  Applies to uniform layers of at most 4 bits; NF4/NF3 and 5-8-bit layers stay exact.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ import shutil
 
 import torch
 
+from ..errors import SinqConfigError
+from ..format.codebooks import codebook_values
 from ..log import get_logger, log_once
 from . import native
 from .contract import KernelBackend, LayerSpec, SinqWeights, pad_shard_rows
@@ -30,6 +42,21 @@ logger = get_logger(__name__)
 TILE_ROWS = 64
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ACT_ENV = "SINQ_VLLM_CPU_ACT"
+ACT_MODES = ("exact", "int8")
+
+
+def activation_mode() -> str:
+    """``SINQ_VLLM_CPU_ACT``: ``exact`` (default) or ``int8``."""
+    value = os.environ.get(ACT_ENV, "exact").strip().lower() or "exact"
+    if value not in ACT_MODES:
+        raise SinqConfigError(f"{ACT_ENV}={value!r} is not a CPU activation mode; valid values: {', '.join(ACT_MODES)}")
+    return value
+
+
+def int8_activations(spec: LayerSpec, mode: str) -> bool:
+    """Whether a layer runs with int8 activations in this mode (uniform codes of <= 4 bits)."""
+    return mode == "int8" and spec.codebook is None and spec.nbits <= 4
 
 
 def _build_flags() -> dict[str, list[str]]:
@@ -48,7 +75,8 @@ def _compiler_missing() -> str | None:
 
 def _on_load(module) -> None:
     @torch.library.register_fake("sinq_vllm::cpu_linear")
-    def _cpu_linear_fake(x, qweight, scales_zeros, col_scales, shard_offsets, bias, nbits, group_size):
+    def _cpu_linear_fake(x, qweight, scales_zeros, col_scales, shard_offsets, bias, nbits, group_size, codebook=None,
+                         int8_act=False):
         return x.new_empty((*x.shape[:-1], shard_offsets[-1]))
 
     if hasattr(torch.ops.sinq_vllm, "sinkhorn_stds"):  # quantizer op (absent from older builds)
@@ -110,14 +138,18 @@ def repack(weights: SinqWeights) -> dict[str, torch.Tensor]:
     z = pad_shard_rows(weights.zeros.to(torch.float16).cpu(), offs, TILE_ROWS)
     sz = torch.stack([s.view(t, TILE_ROWS, -1), z.view(t, TILE_ROWS, -1)], dim=1)  # [T, 2, 64, G]
     sz = sz.permute(0, 3, 1, 2).contiguous()  # [T, G, 2, 64]
-    return {
+    out = {
         "qweight": qweight,
         "scales_zeros": sz,
         "col_scales": weights.col_scales.to(torch.float32).cpu().contiguous(),
     }
+    if weights.codebook is not None:
+        out["codebook"] = codebook_values(weights.codebook, torch.float16).float().contiguous()
+    return out
 
 
-def cpu_linear(tensors: dict[str, torch.Tensor], spec: LayerSpec, x: torch.Tensor, bias: torch.Tensor | None):
+def cpu_linear(tensors: dict[str, torch.Tensor], spec: LayerSpec, x: torch.Tensor, bias: torch.Tensor | None,
+               int8_act: bool = False):
     return torch.ops.sinq_vllm.cpu_linear(
         x,
         tensors["qweight"],
@@ -127,11 +159,17 @@ def cpu_linear(tensors: dict[str, torch.Tensor], spec: LayerSpec, x: torch.Tenso
         bias,
         spec.nbits,
         spec.group_size,
+        tensors.get("codebook"),
+        int8_act,
     )
 
 
 class CpuBackend(KernelBackend):
     name = "cpu"
+    codebooks = frozenset({"nf4", "nf3"})
+
+    def __init__(self):
+        self.act_mode = activation_mode()
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -144,6 +182,8 @@ class CpuBackend(KernelBackend):
             return f"activation dtype {act_dtype} (supported: bfloat16, float16, float32)"
         if spec.nbits not in SUPPORTED_BITS:
             return f"{spec.nbits}-bit codes (supported: {', '.join(map(str, SUPPORTED_BITS))})"
+        if spec.codebook is not None and spec.nbits > 4:
+            return f"{spec.codebook.upper()} codebook with {spec.nbits}-bit codes (at most 4)"
         if spec.group_size % 8 != 0:
             return f"group size {spec.group_size} is not a multiple of 8"
         if spec.in_features % spec.group_size != 0:
@@ -151,7 +191,13 @@ class CpuBackend(KernelBackend):
         return spec.offsets_problem()
 
     def prepare(self, weights: SinqWeights) -> dict[str, torch.Tensor]:
-        if weights.nbits in (2, 3):
+        if self.act_mode == "int8":
+            log_once(
+                logger,
+                f"SINQ cpu kernel: {ACT_ENV}=int8: activations quantized to int8 per (row, group) in uniform layers "
+                "of at most 4 bits; NF4/NF3 and 5-8-bit layers keep exact activations",
+            )
+        if weights.nbits in (2, 3) and weights.codebook is None:
             log_once(logger, f"SINQ cpu kernel: {weights.nbits}-bit codes are kept as 4-bit nibbles (0.5 byte per weight)")
         elif weights.nbits > 4:
             log_once(
@@ -162,4 +208,4 @@ class CpuBackend(KernelBackend):
         return repack(weights)
 
     def apply(self, tensors, spec: LayerSpec, x, bias):
-        return cpu_linear(tensors, spec, x, bias)
+        return cpu_linear(tensors, spec, x, bias, int8_activations(spec, self.act_mode))

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import SinqConfigError
+from ..kernels.cpu_backend import ACT_ENV as CPU_ACT_ENV
+from ..kernels.cpu_backend import activation_mode
 from ..kernels.gpu_layout import DEFAULT_PREFILL_MIN_M, ENV_PREFILL_MIN_M, prefill_min_m
 from ..kernels.selection import ENV_VAR as BACKEND_ENV
 from ..kernels.selection import requested_backend
@@ -97,6 +99,9 @@ SWITCHES: tuple[Switch, ...] = (
            # the C++ kernel compares exact lower-case names (csrc/cpu/sinq_cpu_kernel.cpp)
            "force the instruction set of the CPU kernel (the CPU must support it)",
            _choice(("auto", "avx512bf16", "avx512", "avx2", "scalar"), case_sensitive=True)),
+    Switch(CPU_ACT_ENV, "exact", "exact, int8", "C++ CPU kernel (worker)",
+           "int8: round x*t to int8 per (row, group) on uniform <= 4-bit layers (VNNI; faster prefill and batched "
+           "decode, larger error: docs/design.md §4.2)", lambda name, value: activation_mode()),
     _jit("cpu"),
     _jit("cuda"),
     Switch("SINQ_VLLM_CACHE", "~/.cache/sinq_vllm", "a folder path (created if missing)",
