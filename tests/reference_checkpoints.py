@@ -260,10 +260,24 @@ def make_weight(case: dict) -> torch.Tensor:
     return w.to(getattr(torch, case.get("dtype", "bfloat16")))
 
 
-def _case(name, shape, nbits, group_size, aux=True, method="sinq", dist="gauss", dtype="bfloat16", seed=None):
+def make_activations(case: dict) -> torch.Tensor | None:
+    """bf16 ``[S, L, K]`` calibration inputs of an A-SINQ layer case (None for other cases):
+    Gaussian tokens with log-normal per-channel magnitudes, so that a few input channels
+    dominate, as in real LLM activations, and the AWQ search has something to find."""
+    if not case.get("acts"):
+        return None
+    samples, length = case["acts"]
+    gen = torch.Generator().manual_seed(int(case["seed"]) + 1)
+    k = case["shape"][1]
+    channel = torch.exp(torch.randn(k, generator=gen))
+    return (torch.randn(samples, length, k, generator=gen) * channel).to(torch.bfloat16)
+
+
+def _case(name, shape, nbits, group_size, aux=True, method="sinq", dist="gauss", dtype="bfloat16", seed=None,
+          acts=None, ref_method=None):
     seed = seed if seed is not None else int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
     return dict(name=name, shape=list(shape), nbits=nbits, group_size=group_size, aux=aux, method=method,
-                dist=dist, dtype=dtype, seed=seed)
+                dist=dist, dtype=dtype, seed=seed, acts=acts, ref_method=ref_method)
 
 
 #: Layer-parity cases: our quantize_weight vs the reference's per-Linear quantization.
@@ -285,6 +299,26 @@ PARITY_CASES = (
     ]
     + [  # plain RTN: ours skips Sinkhorn, the reference's "rtn" runs it and multiplies back
         _case(f"rtn_b{b}", (256, 384), b, 64, method="rtn") for b in (3, 4)
+    ]
+    + [  # NF4 / NF3 codebooks (the reference's "mean" shift), K fallback, fp32 input
+        _case(f"{cb}_g{g}_{'aux' if aux else 'plain'}", (128, 384), int(cb[-1]), g, aux, method=f"sinq_{cb}")
+        for cb in ("nf4", "nf3") for g in (64, 128) for aux in (True, False)
+    ]
+    + [_case("nf4_oddk336", (64, 336), 4, 64, method="sinq_nf4"),
+       _case("nf3_fp32_in", (128, 384), 3, 64, method="sinq_nf3", dtype="float32")]
+    + [  # heavy tails + NF: the reference's gate would write uniform codes under the NF label
+         # (docs/format.md §7); ours keeps the codebook and skips Sinkhorn, which is what the
+         # reference computes for that layer with the method without "sinq" ("nf4_quantAux")
+        _case(f"kurt_{cb}", (256, 384), int(cb[-1]), 64, method=f"sinq_{cb}", dist="student_t3",
+              ref_method=f"{cb}_quantAux") for cb in ("nf4", "nf3")
+    ]
+    + [  # A-SINQ with seeded calibration activations [S, L, K]
+        _case("asinq_b4_g64_aux", (128, 384), 4, 64, method="asinq", acts=(4, 32)),
+        _case("asinq_b3_g64_aux", (192, 384), 3, 64, method="asinq", acts=(3, 40)),
+        _case("asinq_b4_g128_plain", (128, 512), 4, 128, aux=False, method="asinq", acts=(2, 64)),
+        _case("asinq_b8_g64_fp16_in", (64, 256), 8, 64, method="asinq", acts=(4, 16), dtype="float16"),
+        # gated: the reference computes the scale, then its gate drops it (RTN branch)
+        _case("asinq_kurt_b4", (256, 384), 4, 64, method="asinq", dist="student_t3", acts=(2, 32)),
     ]
 )
 
@@ -310,9 +344,15 @@ def prefetch_all() -> None:
             f.result()
 
 
+#: our --method -> the reference's method string before "_quantAux" (its BaseQuantizeConfig
+#: rewrites only "sinq" and "asinq", docs/format.md §1.1)
+_REFERENCE_STEMS = {"asinq": "sinq_awq_l1"}
+
+
 def reference_method(method: str, aux: bool) -> str:
     """The method string the reference quantizes with for our (method, aux)."""
-    return f"{method}_quantAux" if aux else method
+    stem = _REFERENCE_STEMS.get(method, method)
+    return f"{stem}_quantAux" if aux else stem
 
 
 def reference_layers(cases: list[dict]) -> Path:
@@ -458,8 +498,8 @@ def _cmd_layers(a: dict) -> None:
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
         lin.weight.data.copy_(w)
         qc = BaseQuantizeConfig(nbits=case["nbits"], group_size=case["group_size"], method="dual")
-        qc["weight_quant_params"]["method"] = reference_method(case["method"], case["aux"])
-        layer = SINQLinear(lin, qc, compute_dtype=w.dtype, device="cpu")
+        qc["weight_quant_params"]["method"] = case.get("ref_method") or reference_method(case["method"], case["aux"])
+        layer = SINQLinear(lin, qc, compute_dtype=w.dtype, device="cpu", layer_activations=make_activations(case))
         weights[case["name"]] = layer.state_dict()
     BaseSINQModel.save_weights_safetensors(weights, a["out"])
 
