@@ -45,6 +45,7 @@ computes the exact float32 forward of its own checkpoint, as vLLM does:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -156,7 +157,7 @@ def reference_env(autopatch: bool, threads: int | None = None) -> dict:
 
 
 def run_reference(command: str, args: dict, autopatch: bool = False, threads: int | None = None,
-                  timeout: float = 900) -> None:
+                  timeout: float = 3600) -> None:
     """Run one command of this file in a fresh interpreter; raise with its output on failure."""
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), command, json.dumps(args)],
@@ -312,10 +313,11 @@ def make_activations(case: dict) -> torch.Tensor | None:
 
 
 def _case(name, shape, nbits, group_size, aux=True, method="sinq", dist="gauss", dtype="bfloat16", seed=None,
-          acts=None, ref_method=None):
+          acts=None, gate=True):
+    """``gate=False``: the reference runs with its kurtosis gate off (what our NF methods do)."""
     seed = seed if seed is not None else int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
     return dict(name=name, shape=list(shape), nbits=nbits, group_size=group_size, aux=aux, method=method,
-                dist=dist, dtype=dtype, seed=seed, acts=acts, ref_method=ref_method)
+                dist=dist, dtype=dtype, seed=seed, acts=acts, gate=gate)
 
 
 #: Layer-parity cases: our quantize_weight vs the reference's per-Linear quantization.
@@ -345,11 +347,11 @@ PARITY_CASES = (
     + [_case("nf4_oddk336", (64, 336), 4, 64, method="sinq_nf4"),
        _case("nf3_fp32_in", (128, 384), 3, 64, method="sinq_nf3", dtype="float32")]
     + [  # heavy tails + NF: the reference's gate would write uniform codes under the NF label
-         # (docs/format.md §7); ours keeps the codebook and skips Sinkhorn, which is what the
-         # reference computes for that layer with the method without "sinq" ("nf4_quantAux")
-        _case(f"kurt_{cb}", (256, 384), int(cb[-1]), 64, method=f"sinq_{cb}", dist="student_t3",
-              ref_method=f"{cb}_quantAux") for cb in ("nf4", "nf3")
+         # (docs/format.md §7); our NF methods have no gate: the reference with its gate off
+        _case(f"kurt_{cb}", (256, 384), int(cb[-1]), 64, method=f"sinq_{cb}", dist="student_t3", gate=False)
+        for cb in ("nf4", "nf3")
     ]
+    + [_case("kurt_nf4_as_written", (256, 384), 4, 64, method="sinq_nf4", dist="student_t3")]  # the bug itself
     + [  # A-SINQ with seeded calibration activations [S, L, K]
         _case("asinq_b4_g64_aux", (128, 384), 4, 64, method="asinq", acts=(4, 32)),
         _case("asinq_b3_g64_aux", (192, 384), 3, 64, method="asinq", acts=(3, 40)),
@@ -404,6 +406,15 @@ def reference_layers(cases: list[dict]) -> Path:
     request = dict(kind="layers", cases=cases)
     d = _cached("layers", request, lambda tmp: run_reference("layers", dict(request, out=str(tmp / "layers"))))
     return d / "layers"
+
+
+def reference_calibration_blocks(tokenizer_dir: Path) -> list:
+    """The reference's built-in A-SINQ calibration token blocks (``get_simple_calibration_data``)
+    for a tokenizer: a list of [1, 128] int64 tensors."""
+    request = dict(kind="calib_blocks", tokenizer=str(tokenizer_dir))
+    d = _cached("calib-blocks", request,
+                lambda tmp: run_reference("calib_blocks", dict(request, out=str(tmp / "blocks.pt"))))
+    return torch.load(d / "blocks.pt", weights_only=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -583,31 +594,28 @@ def _cmd_layers(a: dict) -> None:
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
         lin.weight.data.copy_(w)
         qc = BaseQuantizeConfig(nbits=case["nbits"], group_size=case["group_size"], method="dual")
-        qc["weight_quant_params"]["method"] = case.get("ref_method") or reference_method(case["method"], case["aux"])
-        layer = SINQLinear(lin, qc, compute_dtype=w.dtype, device="cpu", layer_activations=make_activations(case))
+        qc["weight_quant_params"]["method"] = reference_method(case["method"], case["aux"])
+        with _kurtosis_gate(case.get("gate", True)):
+            layer = SINQLinear(lin, qc, compute_dtype=w.dtype, device="cpu",
+                               layer_activations=make_activations(case))
         weights[case["name"]] = layer.state_dict()
     BaseSINQModel.save_weights_safetensors(weights, a["out"])
 
 
-def _keep_codebook_when_gated(method: str) -> list:
-    """The NF fix of sinq-vllm (sinq-format.md §7), applied to the reference: its kurtosis gate
-    turns the method into "rtn", which drops the NF flag and writes uniform codes under the NF
-    label; here the gated layer keeps the codebook (and, like any method without "sinq",
-    skips Sinkhorn)."""
+@contextlib.contextmanager
+def _kurtosis_gate(on: bool):
+    """The reference's kurtosis gate (``sinq.optimize.kurtosis`` > 5 -> RTN), or none: with
+    ``on=False`` every matrix reads as kurtosis 0, which is what our NF methods do
+    (sinq-format.md §7: the gate would write uniform codes under the NF label)."""
     import sinq.optimize
 
-    flag = "nf4" if "nf4" in method.lower() else "nf3"
-    tiled = sinq.optimize.tiled_quant_rectangle
-    gated = []
-
-    def tiled_keeping_codebook(M, min_max, block, method="dual", awq_scale=None):
-        if method == "rtn":  # only the gate passes "rtn" here: the configured method is NF
-            gated.append(tuple(M.shape))
-            method = flag
-        return tiled(M, min_max, block, method, awq_scale)
-
-    sinq.optimize.tiled_quant_rectangle = tiled_keeping_codebook
-    return gated
+    kurtosis = sinq.optimize.kurtosis
+    if not on:
+        sinq.optimize.kurtosis = lambda x, eps=1e-6: torch.zeros(())
+    try:
+        yield
+    finally:
+        sinq.optimize.kurtosis = kurtosis
 
 
 def _cmd_model_ppl(a: dict) -> None:
@@ -616,7 +624,7 @@ def _cmd_model_ppl(a: dict) -> None:
     ``save_quantized_safetensors``, reloaded in float32 and scored on the given token windows
     by its own forward (benchmarks/quality.py). ``windows``: a list, or ``{corpus: list}``.
     ``calib_blocks``: a ``torch.save``d list of [1, L] token tensors, A-SINQ's calibration
-    set instead of the built-in prompts. ``keep_codebook_when_gated``: see that function."""
+    set instead of the built-in prompts. ``gate``: False runs without the kurtosis gate."""
     import time
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -629,10 +637,10 @@ def _cmd_model_ppl(a: dict) -> None:
     tok = AutoTokenizer.from_pretrained(a["src"])
     model = AutoModelForCausalLM.from_pretrained(a["src"], dtype=torch.bfloat16)
     method = a.get("method", "sinq")
-    gated = _keep_codebook_when_gated(method) if a.get("keep_codebook_when_gated") else None
     blocks = torch.load(a["calib_blocks"], weights_only=True) if a.get("calib_blocks") else None
     t0 = time.perf_counter()
-    _repo_quantize(model, tok, a["nbits"], a["group_size"], method, blocks)
+    with _kurtosis_gate(a.get("gate", True)):
+        _repo_quantize(model, tok, a["nbits"], a["group_size"], method, blocks)
     seconds = time.perf_counter() - t0
     AutoSINQHFModel.save_quantized_safetensors(model, tok, a["out"])
     del model
@@ -644,12 +652,19 @@ def _cmd_model_ppl(a: dict) -> None:
         result["nll"][corpus], result["count"][corpus] = [p[0] for p in per], [p[1] for p in per]
     if not isinstance(a["windows"], dict):
         result["nll"], result["count"] = result["nll"][""], result["count"][""]
-    if gated is not None:
-        result["gated_layers"] = len(gated)
     Path(a["result"]).write_text(json.dumps(result))
 
 
-_COMMANDS = {"repo": _cmd_repo, "hf": _cmd_hf, "layers": _cmd_layers, "model_ppl": _cmd_model_ppl}
+def _cmd_calib_blocks(a: dict) -> None:
+    from transformers import AutoTokenizer
+
+    from sinq.awq import get_simple_calibration_data
+
+    torch.save(list(get_simple_calibration_data(AutoTokenizer.from_pretrained(a["tokenizer"]))), a["out"])
+
+
+_COMMANDS = {"repo": _cmd_repo, "hf": _cmd_hf, "layers": _cmd_layers, "model_ppl": _cmd_model_ppl,
+             "calib_blocks": _cmd_calib_blocks}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ fallback; ``auto`` falls back down the preference list and logs why.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import torch
@@ -109,7 +110,11 @@ def _log_choice(name, spec: LayerSpec, act_dtype, device, rejected) -> None:
     _logged.add(key)
     why = "forced by " + ENV_VAR if os.environ.get(ENV_VAR, "auto") not in ("", "auto") else "first that fits"
     extra = f" (skipped: {'; '.join(rejected)})" if rejected else ""
-    logger.info(
-        "SINQ: %d-bit g%d layers on %s/%s use the '%s' kernel backend (%s)%s",
-        spec.nbits, spec.group_size, device.type, str(act_dtype).replace("torch.", ""), name, why, extra,
+    # A backend skipped for a codebook it lacks means a slower path than the user may expect
+    # (e.g. NF4 on a CPU build without the codebook LUT): say it as a warning, never silently.
+    level = logging.WARNING if spec.codebook is not None and rejected else logging.INFO
+    logger.log(
+        level, "SINQ: %d-bit%s g%d layers on %s/%s use the '%s' kernel backend (%s)%s",
+        spec.nbits, f" {spec.codebook.upper()}" if spec.codebook else "", spec.group_size, device.type,
+        str(act_dtype).replace("torch.", ""), name, why, extra,
     )

@@ -186,8 +186,6 @@ def _tile_quantize(w16: torch.Tensor, group: int, nbits: int, method: QuantMetho
     tiles = k // group
     slabs = w16.view(n, tiles, group).permute(1, 0, 2)  # [T, N, B]
     mode = "round_trip" if gated else ("sinkhorn" if method.sinkhorn else "none")
-    # A gated layer keeps its method's codebook: docs/format.md §7 (the reference drops it
-    # and writes uniform codes under an NF label).
     codebook = method.codebook
     if method.calibrated and activations is not None and not gated:
         x, mu1, mu2 = _normalize(slabs.to(torch.float32), mode)
@@ -270,7 +268,7 @@ def quantize_weight_detailed(
 
     # The reference works on fp16 weights whatever the model dtype (docs/format.md §1.6).
     w16 = W.detach().to("cpu", torch.float16).contiguous()
-    gated = qm.sinkhorn and heavy_tailed(w16)
+    gated = qm.kurtosis_gate and heavy_tailed(w16)
     if gated:
         logger.info("layer '%s': kurtosis > 5, quantized without Sinkhorn (the reference's gate)", name)
     if activations is not None and (not qm.calibrated or activations.shape[-1] != k):

@@ -21,7 +21,10 @@ class QuantMethod:
     name: str  # --method value; config.json quantization_config["method"]
     stored: str  # the sidecar method string; "_quantAux" is appended with quantAux (docs/format.md §2.4)
     summary: str  # one line for --help and errors
-    sinkhorn: bool = True  # Sinkhorn normalisation and the reference's kurtosis gate (docs/format.md §1.2, §1.4)
+    sinkhorn: bool = True  # Sinkhorn normalisation (docs/format.md §1.2)
+    # the reference's kurtosis gate: heavy-tailed matrices skip Sinkhorn and get uniform RTN
+    # codes (docs/format.md §1.4); off for NF methods, whose label cannot hold uniform codes (§7)
+    kurtosis_gate: bool = True
     codebook: str | None = None  # "nf4" | "nf3": codes index that table (docs/format.md §1.4)
     calibrated: bool = False  # needs input activations of each Linear (A-SINQ, docs/format.md §1.5)
 
@@ -42,10 +45,10 @@ _ROWS = (
     QuantMethod("sinq", "sinq", "Sinkhorn-normalized uniform codes (default)"),
     QuantMethod("asinq", "sinq_awq_l1", "A-SINQ: SINQ plus an activation-aware scale from calibration text",
                 calibrated=True),
-    QuantMethod("sinq_nf4", "sinq_nf4", "SINQ with the 4-bit NF4 codebook", codebook="nf4"),
-    QuantMethod("sinq_nf3", "sinq_nf3", "SINQ with the 3-bit NF3 codebook", codebook="nf3"),
+    QuantMethod("sinq_nf4", "sinq_nf4", "SINQ with the 4-bit NF4 codebook", codebook="nf4", kurtosis_gate=False),
+    QuantMethod("sinq_nf3", "sinq_nf3", "SINQ with the 3-bit NF3 codebook", codebook="nf3", kurtosis_gate=False),
     # RTN layers carry no "sinq" substring, so readers know t == 1.
-    QuantMethod("rtn", "rtn", "plain round-to-nearest baseline (no Sinkhorn)", sinkhorn=False),
+    QuantMethod("rtn", "rtn", "plain round-to-nearest baseline (no Sinkhorn)", sinkhorn=False, kurtosis_gate=False),
 )
 #: name -> method, in --help order
 METHODS: dict[str, QuantMethod] = {m.name: m for m in _ROWS}

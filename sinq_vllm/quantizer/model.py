@@ -36,7 +36,7 @@ from ..format.layer_meta import LayerMeta
 from ..format.names import DROPPED_BUFFER_SUFFIXES, INDEX_NAME, SIDECAR_NAME
 from ..format.safetensors_io import PlannedTensor, ShardWriter, st_dtype
 from ..log import get_logger
-from .activations import BlockActivations
+from .activations import BlockActivations, decoder_core
 from .calibration import calibration_set
 from .calibration import check_options as check_calibration_options
 from .layer import effective_group_size, quantize_weight_detailed, quantized_layout, stored_method, validate_options
@@ -72,7 +72,7 @@ class QuantizeSummary:
     aux: bool
     quantized: list[str] = field(default_factory=list)  # module names
     not_converted: list[str] = field(default_factory=list)  # Linear modules kept in full precision
-    kurtosis_gated: list[str] = field(default_factory=list)  # Sinkhorn layers the gate sent to the RTN branch
+    kurtosis_gated: list[str] = field(default_factory=list)  # layers the reference's gate sent to its RTN branch
     calibration: str = ""  # A-SINQ: the calibration set, e.g. "built-in prompts ...: 13 samples x 128 tokens"
     awq_searched: list[str] = field(default_factory=list)  # A-SINQ layers whose activation scale was searched
     experts_kept: list[str] = field(default_factory=list)  # MoE expert containers left in full precision
@@ -443,16 +443,17 @@ def _calibration(src: Path, handles, weight_map, items, skel: _Skeleton, options
             "parameters, not nn.Linear modules); keep them in full precision with --no-experts or --skip, "
             "or use --method sinq"
         )
+    config = AutoConfig.from_pretrained(str(src))
+    with torch.device("meta"):
+        # SDPA as in the reference's from_pretrained: causal without an attention mask
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    decoder_core(model)  # the architecture has a calibration path (or the error names where it looked)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src))
     except (OSError, ValueError, KeyError) as e:
         raise SinqConfigError(f"--method asinq needs the model's tokenizer in {str(src)!r}: {e}") from None
     calib = calibration_set(tokenizer, *options)
     summary.calibration = calib.describe()
-    config = AutoConfig.from_pretrained(str(src))
-    with torch.device("meta"):
-        # SDPA as in the reference's from_pretrained: causal without an attention mask
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     collector = BlockActivations(model, lambda key: handles[weight_map[key]].get_tensor(key), set(weight_map),
                                  calib.samples)
     logger.info("A-SINQ calibration: %s, %d decoder blocks at %s", calib.describe(), len(collector.blocks),
