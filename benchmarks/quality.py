@@ -88,6 +88,8 @@ def parse_args(argv=None):
                     help="wiki tokens of the reference-parity section (default 8192, the issue's protocol)")
     ap.add_argument("--family", action="store_true",
                     help="only the A-SINQ / NF4 parity table (float32 protocol, calibration on c4's first half)")
+    ap.add_argument("--family-rows", default="asinq:4,asinq:3,sinq_nf4:4",
+                    help="--family: METHOD:BITS rows at g64, in this order (default asinq:4,asinq:3,sinq_nf4:4)")
     ap.add_argument("--calib-samples", type=int, default=16, help="--family: A-SINQ calibration samples (default 16)")
     ap.add_argument("--calib-seqlen", type=int, default=128, help="--family: tokens per sample (default 128)")
     ap.add_argument("--out", default=None, help="result file stem in benchmarks/results/ (default quality, "
@@ -358,7 +360,7 @@ def run_reference_parity(name: str, src: Path, args) -> dict:
 # --------------------------------------------------------------------------------------
 # the rest of the family: A-SINQ and SINQ-NF4, ours and the reference's (--family)
 
-FAMILY = (("asinq", 4, 64), ("asinq", 3, 64), ("sinq_nf4", 4, 64))
+FAMILY_METHODS = ("asinq", "sinq_nf4", "sinq_nf3")
 FAMILY_CORPORA = ("wiki", "c4-second-half")
 CALIB_CORPUS = "c4"  # its first half; FAMILY_CORPORA hold its second half
 
@@ -394,8 +396,20 @@ def _score_key(wins: dict, bos, *identity) -> str:
     return hashlib.sha256(json.dumps([wins, bos, *identity], sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_family(name: str, src: Path, args) -> dict:
-    """Rows (setting, theirs and ours per corpus, bit-identical tensors, quantize seconds)."""
+def family_rows(spec: str) -> list[tuple[str, int, int]]:
+    """``--family-rows`` "asinq:4,sinq_nf4:4" -> [(method, nbits, 64), ...]."""
+    rows = []
+    for item in spec.split(","):
+        method, _, bits = item.partition(":")
+        if method not in FAMILY_METHODS or not bits.isdigit():
+            sys.exit(f"--family-rows: {item!r} is not METHOD:BITS with METHOD one of {', '.join(FAMILY_METHODS)}")
+        rows.append((method, int(bits), 64))
+    return rows
+
+
+def run_family(name: str, src: Path, args, on_row=None) -> dict:
+    """Rows (setting, theirs and ours per corpus, bit-identical tensors, quantize seconds).
+    ``on_row(partial_result)`` after each row, so an interrupted run still leaves its table."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -412,12 +426,19 @@ def run_family(name: str, src: Path, args) -> dict:
     C.log(f"[{name}] family: {', '.join(f'{c} {sum(len(w) for w in ws)} tokens' for c, ws in wins.items())}; "
           f"A-SINQ calibration {calib.describe()}")
     rows = []
+    family = family_rows(args.family_rows)
+
+    def partial() -> dict:
+        return {"name": name, "tokens": {c: sum(len(w) for w in ws) for c, ws in wins.items()},
+                "window": args.window, "calibration": calib.describe(), "calib_file": C.rel(calib_file), "rows": rows}
 
     def log_row(r):
         C.log(f"    {r['setting']}: " + ", ".join(
             f"{c} ours {r['ours'][c]:.3f}" + (f" theirs {r['theirs'][c]:.3f}" if r.get("theirs") else "")
             for c in FAMILY_CORPORA))
         rows.append(r)
+        if on_row:
+            on_row(partial())
 
     def ours(d: Path, info: dict) -> dict:
         key = _score_key(wins, bos, str(d), (d / C.QUANT_MARKER).read_text())
@@ -427,11 +448,11 @@ def run_family(name: str, src: Path, args) -> dict:
     base = score_corpora(lambda: AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval(), wins,
                          bos, C.artifacts_dir("bench") / f"{name}-unquantized-ppl-{_score_key(wins, bos, str(src))}.json")
     log_row({"setting": "unquantized", "ours": base})
-    for nbits in (4, 3):
+    for nbits in sorted({b for _, b, _ in family}, reverse=True):
         d, info = C.quantized_checkpoint(src, C.QuantSpec("sinq", nbits, 64), name=name)
         log_row({"setting": f"SINQ w{nbits} g64", "method": "sinq", "nbits": nbits, "ours": ours(d, info),
                  "ours_quantize_seconds": info["quantize_seconds"]})
-    for method, nbits, g in FAMILY:
+    for method, nbits, g in family:
         calibrated = method == "asinq"
         spec = C.QuantSpec(method, nbits, g, aux=True, calib=C.rel(calib_file) if calibrated else None,
                            calib_samples=args.calib_samples if calibrated else None,
@@ -453,8 +474,9 @@ def run_family(name: str, src: Path, args) -> dict:
             raw = reference_sinq(src, name, nbits, g, wins, bos, method=ref_method)
             row["theirs_as_written"] = {c: C.ppl_from_nll(sum(raw["nll"][c]), sum(raw["count"][c]))
                                         for c in FAMILY_CORPORA}
-    return {"name": name, "tokens": {c: sum(len(w) for w in ws) for c, ws in wins.items()}, "window": args.window,
-            "calibration": calib.describe(), "calib_file": C.rel(calib_file), "rows": rows}
+            if on_row:
+                on_row(partial())
+    return partial()
 
 
 def family_markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
@@ -772,22 +794,35 @@ def main(argv=None) -> int:
                 raise
             C.log(f"[{name}] skipped: {e}")
             continue
-        results.append(run_family(name, src, args) if args.family else run_model(name, src, specs, args, corpora))
+        if args.family:
+            # each finished row rewrites the outputs: an interrupted run keeps what it measured
+            results.append(run_family(name, src, args, on_row=lambda part, done=list(results): save(
+                done + [part], args, time.perf_counter() - t_start, machine, raw, partial=True)))
+        else:
+            results.append(run_model(name, src, specs, args, corpora))
 
     elapsed = time.perf_counter() - t_start
-    C.RESULTS.mkdir(parents=True, exist_ok=True)
-    keep = ("tokens", "window", "hf_tokens", "keep_doc_tags", "full", "out", "reference", "ref_tokens", "family",
-            "calib_samples", "calib_seqlen")
-    raw.write_text(json.dumps(C.relativize({"args": {k: getattr(args, k) for k in keep}, "argv": sys.argv[1:],
-                                            "elapsed": elapsed, "machine": machine, "results": results}), indent=1))
-    write_outputs(results, args, elapsed, machine)
+    save(results, args, elapsed, machine, raw)
     C.log(f"quality.py finished in {elapsed / 60:.1f} min")
     return 0
 
 
-def write_outputs(results, args, elapsed, machine) -> None:
+def save(results, args, elapsed, machine, raw: Path, partial: bool = False) -> None:
+    C.RESULTS.mkdir(parents=True, exist_ok=True)
+    keep = ("tokens", "window", "hf_tokens", "keep_doc_tags", "full", "out", "reference", "ref_tokens", "family",
+            "family_rows", "calib_samples", "calib_seqlen")
+    raw.write_text(json.dumps(C.relativize({"args": {k: getattr(args, k) for k in keep}, "argv": sys.argv[1:],
+                                            "elapsed": elapsed, "machine": machine, "results": results,
+                                            "partial": partial}), indent=1))
+    write_outputs(results, args, elapsed, machine, partial)
+
+
+def write_outputs(results, args, elapsed, machine, partial: bool = False) -> None:
     if getattr(args, "family", False):
         md = family_markdown(results, args, elapsed, machine)
+        if partial:
+            md = md.replace("\n", "\n\n> **Partial:** the run was still going when this was written; the rows "
+                            "below are all it had measured.\n", 1)
         C.write_result(f"{args.out}.md", md)
         print("\n" + md)
         return

@@ -58,6 +58,9 @@ def parse_args(argv=None):
                     help="skip the run of the reference implementation (sinq==0.2.0) on the same model")
     ap.add_argument("--reference-method", default="sinq", choices=("sinq", "asinq"),
                     help="the method the reference implementation runs (default sinq)")
+    ap.add_argument("--calib-samples", type=int, default=None,
+                    help="A-SINQ: only the first N 128-token blocks of the built-in prompts, on both sides "
+                         "(default: all of them, as both implementations do)")
     # internal: one measured run
     ap.add_argument("--child", choices=("rtn", "sinq", "asinq", "baseline"), help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -81,7 +84,8 @@ def child(args) -> int:
     res = {"threads": torch.get_num_threads(), "import_s": time.perf_counter() - t0}
     if args.child != "baseline":
         s = quantize_model(args.src, args.child_out, nbits=args.nbits, group_size=args.group_size,
-                           method=args.child, aux=not args.no_aux, overwrite=True, progress=False)
+                           method=args.child, aux=not args.no_aux, overwrite=True, progress=False,
+                           **({"calib_samples": args.calib_samples} if args.child == "asinq" else {}))
         res.update(quantize_seconds=s.quantize_seconds, seconds=s.seconds, layers=len(s.quantized),
                    kurtosis_gated=len(s.kurtosis_gated), total_size=s.total_size,
                    awq_searched=len(s.awq_searched), calibration=s.calibration)
@@ -100,6 +104,8 @@ def run_child(method: str, src: Path, args, work: Path) -> dict:
         cmd.append("--no-aux")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.calib_samples:
+        cmd += ["--calib-samples", str(args.calib_samples)]
     log_path = work / f"log-{method}.txt"
     t0 = time.perf_counter()
     with open(log_path, "w") as logf:
@@ -127,11 +133,23 @@ def run_reference(src: Path, args, work: Path) -> dict | None:
         return None
     result = work / "result-reference.json"
     result.unlink(missing_ok=True)
+    request = {"src": str(src), "nbits": args.nbits, "group_size": args.group_size,
+               "method": args.reference_method, "windows": [], "bos": None,
+               "out": str(work / "ckpt-reference"), "result": str(result)}
+    if args.reference_method == "asinq" and args.calib_samples:
+        # the same first N built-in blocks as our child (equal to the reference's own blocks:
+        # tests/test_family_quantizer.py)
+        import torch
+        from transformers import AutoTokenizer
+
+        from sinq_vllm.quantizer.calibration import calibration_set
+
+        blocks = work / "calib-blocks.pt"
+        torch.save(calibration_set(AutoTokenizer.from_pretrained(str(src)), samples=args.calib_samples).samples,
+                   blocks)
+        request["calib_blocks"] = str(blocks)
     t0 = time.perf_counter()
-    ref.run_reference("model_ppl", {"src": str(src), "nbits": args.nbits, "group_size": args.group_size,
-                                    "method": args.reference_method, "windows": [], "bos": None,
-                                    "out": str(work / "ckpt-reference"), "result": str(result)},
-                      threads=args.threads or os.cpu_count(), timeout=7200)
+    ref.run_reference("model_ppl", request, threads=args.threads or os.cpu_count(), timeout=7200)
     r = json.loads(result.read_text())
     r.update(process_s=time.perf_counter() - t0, version=ref.REFERENCE_VERSION, method=args.reference_method)
     return r
@@ -184,7 +202,7 @@ def markdown(runs: list[dict], base: dict | None, args, src: Path, machine: str,
                 f"{reference['quantize_seconds'] / med[ref_method]['seconds']:.1f}x our whole `quantize_model` call "
                 "(reading, quantizing, packing, writing); its process time also includes saving and reloading "
                 "its checkpoint. Both write bit-identical SINQ tensors (benchmarks/results/quality.md, "
-                "quality_family.md).", ""]
+                "quality_family_*.md).", ""]
     if "asinq" in med and "sinq" in med:
         a, s_ = med["asinq"], med["sinq"]
         out += ["Ratios A-SINQ / SINQ (medians):", "",
