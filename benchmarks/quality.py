@@ -496,7 +496,9 @@ def family_markdown(results: list[dict], args, elapsed: float, machine: str) -> 
         "quantize` (quantAux) on its dequantized weights. A-SINQ on Gemma-3 runs the reference with a shim that "
         "gives each decoder block its own attention type's rotary table (its call omits `layer_type` and fails).",
         "- SINQ-NF4 'theirs' runs without the reference's kurtosis gate, as ours does (docs/format.md §7); 'as "
-        "written' is the reference unchanged, whose gated layers hold uniform codes under the NF4 label.",
+        "written' is the reference unchanged, whose gated layers hold uniform codes under the NF4 label. Its NF "
+        "dequantization runs in float32 on the stored values and its fp16 codebook (its own NF branch computes in "
+        "fp16; tests/reference_checkpoints.py).",
         "",
     ]
     for res in results:

@@ -29,15 +29,19 @@ reference's own code, its built-in calibration prompts included, unless a reques
 its own calibration token blocks (benchmarks: the first half of c4.utf8).
 
 Reference forward numerics: the reference loader (``from_quantized_safetensors``) is
-called with ``compute_dtype=float32``. Two of its quirks are neutralised so that it
+called with ``compute_dtype=float32``. Three of its quirks are neutralised so that it
 computes the exact float32 forward of its own checkpoint, as vLLM does:
 
 * ``Quantizer.dequantize`` casts to the ``compute_dtype`` stored in each layer's meta
   (bf16 at quantization time) rather than the load-time dtype, which makes the matmul
-  fail with "float != BFloat16" (sinq-format.md §7); we set it to float32. Its NF4/NF3
-  branch returns fp16 whatever that dtype (the codebook arithmetic runs in fp16,
-  sinq-format.md §1.7), which the float32 matmul refuses: those weights, the reference's
-  own fp16 values, are cast to float32 for the matmul.
+  fail with "float != BFloat16" (sinq-format.md §7); we set it to float32.
+* its NF4/NF3 branch casts the codebook to the scales' dtype (fp16) and computes
+  ``(CB[Q] - z) * s * t`` in fp16, three roundings per weight, where its uniform branch
+  computes in the compute dtype (sinq-format.md §1.7). With ``nf_fp16=False`` (the
+  default) the branch gets float32 scales and zeros and the codebook rounded to fp16
+  (the values it computes with): the same stored values, float32 arithmetic, as for
+  uniform layers. ``nf_fp16=True`` keeps its fp16 arithmetic (the weights cast to
+  float32 for the matmul), to measure what that rounding alone moves.
 * it restores the rotary ``inv_freq`` buffer saved in bf16 (Transformers itself never
   loads that non-persistent buffer); we recompute it in float32 like Transformers and
   vLLM do.
@@ -214,6 +218,7 @@ class RepoCheckpoints:
     pt_dir: Path  # save_quantized: config.json + tokenizer + qmodel.pt
     outputs: ReferenceOutputs  # the reference's float32 forward of safetensors_dir
     src_dir: Path | None = None  # the bf16 model it quantized
+    outputs_nf_fp16: ReferenceOutputs | None = None  # NF only: its forward with its fp16 codebook arithmetic
 
 
 #: The repo-API checkpoints: (arch, nbits, group_size). Llama's down_proj (K=192) at g128
@@ -251,18 +256,23 @@ def repo_checkpoint(arch: str, nbits: int = 4, group_size: int = 64, method: str
     "sinq_quantAux", "asinq" -> "sinq_awq_l1_quantAux", others as given) and saved with both
     writers. A-SINQ models use the real SmolLM2 tokenizer (see ASINQ_SPEC)."""
     real_tok = "awq" in method or method == "asinq"
+    nf = "nf4" in method or "nf3" in method
     request = dict(kind="repo", arch=arch, nbits=nbits, group_size=group_size, seed=seed, method=method,
                    tokenizer="smollm2" if real_tok else "tiny", prompts=list(PROMPTS), steps=GREEDY_STEPS)
+    if nf:
+        request["nf_forward"] = "float32"  # see the module doc (and outputs_nf_fp16)
 
     def build(d: Path) -> None:
         tok = smollm2_tokenizer_dir() if real_tok else cache_root() / "tokenizer"
         run_reference("repo", dict(request, tokenizer_dir=str(tok), src=str(d / "src"),
                                    safetensors=str(d / "safetensors"), pt=str(d / "pt"),
-                                   outputs=str(d / "outputs.pt")), threads=1)
+                                   outputs=str(d / "outputs.pt"),
+                                   **({"outputs_nf_fp16": str(d / "outputs-nf-fp16.pt")} if nf else {})), threads=1)
 
     tag = arch if method == "sinq" else f"{arch}-{method}"
     d = _cached(f"repo-{tag}", request, build)
-    return RepoCheckpoints(arch, d / "safetensors", d / "pt", load_outputs(d / "outputs.pt"), d / "src")
+    return RepoCheckpoints(arch, d / "safetensors", d / "pt", load_outputs(d / "outputs.pt"), d / "src",
+                           load_outputs(d / "outputs-nf-fp16.pt") if nf else None)
 
 
 def hf_checkpoint(arch: str, nbits: int = 4, group_size: int = 64, seed: int = 0) -> tuple[Path, ReferenceOutputs]:
@@ -421,9 +431,14 @@ def reference_calibration_blocks(tokenizer_dir: Path) -> list:
 # reference-process side (runs with the sinq package; never imported by the tests' process)
 
 
-def _float32_reference(model) -> None:
+def _float32_reference(model, nf_fp16: bool = False) -> None:
     """Make the reference loader's model compute its forward in float32 (see module doc)."""
+    import sinq.quantizer
     from sinq.sinqlinear import SINQLinear
+
+    if not nf_fp16:  # the codebook values its fp16 branch computes with, as float32
+        for name in ("NF4_CODEBOOK", "NF3_CODEBOOK"):
+            setattr(sinq.quantizer, name, getattr(sinq.quantizer, name).half().float())
 
     for module in model.modules():
         if isinstance(module, SINQLinear) and isinstance(module.meta, dict):
@@ -433,6 +448,9 @@ def _float32_reference(model) -> None:
                 module.bias = module.bias.float()
             method = str(module.meta.get("method", "")).lower()
             if "nf4" in method or "nf3" in method:  # fp16 codebook dequant (see module doc)
+                if not nf_fp16:
+                    for key in ("scale", "zero"):  # dq8 passes tensors through; the branch follows their dtype
+                        module.meta[key] = sinq.quantizer.dq8(module.meta[key]).to(torch.float32)
                 module.dequantize = (lambda f: lambda: f().to(torch.float32))(module.dequantize)
         elif type(module).__name__.endswith("RotaryEmbedding") and any(
             n.endswith("inv_freq") for n, _ in module.named_buffers(recurse=False)
@@ -529,12 +547,12 @@ def _typed_rotary_shim(model) -> None:
         block.forward = pick
 
 
-def _reload_float32(folder: str):
+def _reload_float32(folder: str, nf_fp16: bool = False):
     """A ``save_quantized_safetensors`` folder reloaded by the reference loader, computing in float32."""
     from sinq.patch_model import AutoSINQHFModel
 
     ref = AutoSINQHFModel.from_quantized_safetensors(folder, compute_dtype=torch.float32, device="cpu")
-    _float32_reference(ref)
+    _float32_reference(ref, nf_fp16)
     return ref
 
 
@@ -551,6 +569,9 @@ def _cmd_repo(a: dict) -> None:
     AutoSINQHFModel.save_quantized(model, tok, a["pt"])
     del model
     _write_outputs(_reload_float32(a["safetensors"]), tok, a["prompts"], a["steps"], a["outputs"])
+    if a.get("outputs_nf_fp16"):
+        _write_outputs(_reload_float32(a["safetensors"], nf_fp16=True), tok, a["prompts"], a["steps"],
+                       a["outputs_nf_fp16"])
 
 
 def _cmd_hf(a: dict) -> None:

@@ -52,16 +52,23 @@ def test_nf4_tp2_with_quantized_head_matches_dequantized_transformers(sinq_facto
     assert _methods(ckpt) == {"sinq_nf4_quantAux"}
     ids_list = _prompt_ids(ckpt)
     model = dequantized_model(ckpt, dtype=torch.float32)
-    ref_lp, ref_greedy = [], []
+    ref_lp, ref_greedy, ref_margins = [], [], []
     with torch.no_grad():
         for ids in ids_list:
             ref_lp.append(torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1))
             out = model.generate(torch.tensor([ids]), max_new_tokens=GREEDY_STEPS, min_new_tokens=GREEDY_STEPS,
-                                 do_sample=False, pad_token_id=0)
-            ref_greedy.append(out[0, len(ids):].tolist())
+                                 do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+            ref_greedy.append(out.sequences[0, len(ids):].tolist())
+            top2 = [step[0].float().topk(2).values for step in out.scores]
+            ref_margins.append([float(v[0] - v[1]) for v in top2])
     with vllm_engine(ckpt, dtype="float32", tensor_parallel_size=2) as llm:
         lp, greedy = _vllm_outputs(llm, ids_list)
     diff = _max_logprob_diff(ids_list, lp, ref_lp)
     print(f"NF4 tp=2 with NF4 lm_head: max |logprob diff| vs dequantized Transformers = {diff:.3g}")
     assert diff < 1e-3
-    assert greedy == ref_greedy
+    for p, (got, want, margins) in enumerate(zip(greedy, ref_greedy, ref_margins)):
+        if got != want:  # random tiny weights give near-ties: a split is allowed only at one
+            step = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+            print(f"prompt {p}: greedy tokens agree for {step} steps, then split at a top-2 logit margin of "
+                  f"{margins[step]:.3g}")
+            assert margins[step] < 1e-4, f"prompt {p}: greedy differs at step {step}, margin {margins[step]:.3g}"
