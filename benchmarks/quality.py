@@ -90,6 +90,8 @@ def parse_args(argv=None):
                     help="only the A-SINQ / NF4 parity table (float32 protocol, calibration on c4's first half)")
     ap.add_argument("--family-rows", default="asinq:4,asinq:3,sinq_nf4:4",
                     help="--family: METHOD:BITS rows at g64, in this order (default asinq:4,asinq:3,sinq_nf4:4)")
+    ap.add_argument("--no-as-written", dest="as_written", action="store_false",
+                    help="--family: skip scoring the reference's NF4 checkpoint as it writes it (with its gate)")
     ap.add_argument("--calib-samples", type=int, default=16, help="--family: A-SINQ calibration samples (default 16)")
     ap.add_argument("--calib-seqlen", type=int, default=128, help="--family: tokens per sample (default 128)")
     ap.add_argument("--out", default=None, help="result file stem in benchmarks/results/ (default quality, "
@@ -470,7 +472,7 @@ def run_family(name: str, src: Path, args, on_row=None) -> dict:
                "reference_quantize_seconds": r["quantize_seconds"], "gated": info["kurtosis_gated"],
                "layers": info["layers"], "awq_searched": info.get("awq_searched")}
         log_row(row)
-        if not calibrated:  # the reference as it is: its gated layers get uniform codes under the NF label
+        if not calibrated and args.as_written:  # the reference as it is: its gated layers get uniform codes under the NF label
             raw = reference_sinq(src, name, nbits, g, wins, bos, method=ref_method)
             row["theirs_as_written"] = {c: C.ppl_from_nll(sum(raw["nll"][c]), sum(raw["count"][c]))
                                         for c in FAMILY_CORPORA}

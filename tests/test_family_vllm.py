@@ -56,11 +56,15 @@ def test_nf4_tp2_with_quantized_head_matches_dequantized_transformers(sinq_facto
     with torch.no_grad():
         for ids in ids_list:
             ref_lp.append(torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1))
-            out = model.generate(torch.tensor([ids]), max_new_tokens=GREEDY_STEPS, min_new_tokens=GREEDY_STEPS,
-                                 do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-            ref_greedy.append(out.sequences[0, len(ids):].tolist())
-            top2 = [step[0].float().topk(2).values for step in out.scores]
-            ref_margins.append([float(v[0] - v[1]) for v in top2])
+            # plain argmax on the raw logits, as vLLM with ignore_eos (generate()'s min_new_tokens
+            # would mask EOS, which vLLM may emit)
+            seq, margins = list(ids), []
+            for _ in range(GREEDY_STEPS):
+                top2 = model(torch.tensor([seq])).logits[0, -1].float().topk(2)
+                margins.append(float(top2.values[0] - top2.values[1]))
+                seq.append(int(top2.indices[0]))
+            ref_greedy.append(seq[len(ids):])
+            ref_margins.append(margins)
     with vllm_engine(ckpt, dtype="float32", tensor_parallel_size=2) as llm:
         lp, greedy = _vllm_outputs(llm, ids_list)
     diff = _max_logprob_diff(ids_list, lp, ref_lp)
