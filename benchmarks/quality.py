@@ -501,6 +501,9 @@ def family_markdown(results: list[dict], args, elapsed: float, machine: str) -> 
         "written' is the reference unchanged, whose gated layers hold uniform codes under the NF4 label. Its NF "
         "dequantization runs in float32 on the stored values and its fp16 codebook (its own NF branch computes in "
         "fp16; tests/reference_checkpoints.py).",
+        "- 'quantize s': seconds inside `quantize_model` when the checkpoint was made (a cached checkpoint keeps "
+        "its first run's time, under whatever load that run had); ours and theirs of one row ran one after the "
+        "other in the same run. Use quant_time.py for timings.",
         "",
     ]
     for res in results:
@@ -777,7 +780,7 @@ def main(argv=None) -> int:
         for k, v in saved["args"].items():
             setattr(args, k, v)
         sys.argv[1:] = saved["argv"]
-        write_outputs(saved["results"], args, saved["elapsed"], saved["machine"])
+        write_outputs(saved["results"], args, saved["elapsed"], saved["machine"], saved.get("partial", False))
         return 0
 
     if args.out is None:
