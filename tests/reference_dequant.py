@@ -1,4 +1,4 @@
-"""Independent float32 oracle for SINQ checkpoints (sinq-format.md §1.7, §2.3-2.7, §2.10).
+"""Independent float32 oracle for SINQ checkpoints (docs/format.md §1.7, §2.3-2.7, §2.10).
 
 Written from the specification only: it must NOT import ``sinq_vllm`` (the code under
 test). Everything here is plain torch + safetensors and favours clarity over speed.
@@ -16,7 +16,11 @@ Codes ``Q`` are packed planar along dim 0 of the grouped view ``[R, g]`` (R = N*
 ``packed[r] = sum_i Qpad[i*S + r] << (bits*(p-1-i))``, S = ceil(R/p).
 quantAux (8-bit) scales/zeros are dequantized with the reference's own fp16 expression
 ``x * s + m`` so that they match it bit for bit; everything after that is float32.
-NF4/NF3 codebooks are not supported here (a clear error is raised).
+
+NF4/NF3 (sidecar method containing ``nf4``/``nf3``, docs/format.md §1.4, §1.7): ``Q`` is
+replaced by ``CB[Q]``, the table of docs/format.md §1.4 (copied below, not imported) rounded
+to fp16 as the reference casts it; the arithmetic stays float32 (the reference's own
+dequantization runs in fp16, so it differs from this by fp16 rounding, ~1e-3 relative).
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ PACKINGS = {
     "3bit_32": (10, 3, torch.int32),
     "5bit_32": (6, 5, torch.int32),
     "6bit_32": (5, 6, torch.int32),
+}
+
+#: docs/format.md §1.4 (the reference's NF4_CODEBOOK / NF3_CODEBOOK, fp32 literals)
+NF_CODEBOOKS = {
+    "nf4": (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0),
+    "nf3": (-1.0, -0.5350227355957031, -0.2469314038753510, 0.0, 0.1833375245332718, 0.3819939494132996,
+            0.6229856610298157, 1.0),
 }
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -104,9 +118,8 @@ def dequant_layer(tensors: dict, meta: dict) -> torch.Tensor:
     """
     if "meta" in meta and isinstance(meta["meta"], dict):
         meta = meta["meta"]
-    method = str(meta.get("method", ""))
-    if "nf4" in method or "nf3" in method:
-        raise NotImplementedError(f"reference oracle: NF codebook method {method!r} not supported")
+    method = str(meta.get("method", "")).lower()
+    codebook = next((cb for cb in NF_CODEBOOKS if cb in method), None)
     N, K = (int(v) for v in meta["shape"])
     Wq = _as_words(tensors["W_q"], meta)
     s2 = tensors["meta.scale2"].float()
@@ -131,7 +144,13 @@ def dequant_layer(tensors: dict, meta: dict) -> torch.Tensor:
         if q.shape[0] < R or q.shape[1] != g:
             raise ValueError(f"unpacked codes {tuple(q.shape)} cannot hold R={R} rows of g={g}")
         q = q[:R]
-    q = q.float()
+    if codebook is not None:
+        table = torch.tensor(NF_CODEBOOKS[codebook], dtype=torch.float32).half().float()
+        if int(q.max()) >= table.numel():
+            raise ValueError(f"code {int(q.max())} outside the {codebook.upper()} codebook")
+        q = table[q]
+    else:
+        q = q.float()
 
     if two_d:
         default_shape = [s2.shape[0], g, 1]
@@ -209,7 +228,7 @@ def _read_tensors(ckpt_dir: Path, wmap: dict[str, str], keys: list[str]) -> dict
 
 
 def _canonical(name: str) -> str:
-    """Undo the legacy extra ``model.`` prefix (sinq-format.md §2.11)."""
+    """Undo the legacy extra ``model.`` prefix (docs/format.md §2.11)."""
     if name.startswith("model.model."):
         return name[len("model."):]
     if name.startswith("model.lm_head"):

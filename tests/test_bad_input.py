@@ -66,10 +66,11 @@ def test_two_d_tiling_in_quantization_config_rejected():
         SinqConfig.from_config({"quant_method": "sinq", "nbits": 4, "group_size": 64, "tiling_mode": "2D"})
 
 
-def test_nf4_rejected(broken):
+def test_codebook_with_wrong_bit_width_rejected(broken):
+    """NF3 indexes 8 levels: a 4-bit layer labelled NF3 cannot be decoded (docs/format.md §1.4)."""
     name = first_module(broken, "gate_proj")
-    edit_sidecar(broken, lambda side: side[name]["meta"].update(method="sinq_nf4_quantAux"))
-    with pytest.raises(SinqCheckpointError, match=rf"{name}.*NF4"):
+    edit_sidecar(broken, lambda side: side[name]["meta"].update(method="sinq_nf3_quantAux"))
+    with pytest.raises(SinqCheckpointError, match=rf"{name}.*NF3 codes, which are 3-bit, but nbits=4"):
         _load_config(broken)
 
 

@@ -48,7 +48,7 @@ def reference_repo():
 
 
 def synthetic_pt(sinq_dir: Path, out: Path, mutate=None) -> Path:
-    """A ``qmodel.pt`` folder laid out like the reference's ``save_quantized`` (sinq-format.md
+    """A ``qmodel.pt`` folder laid out like the reference's ``save_quantized`` (docs/format.md
     §2.8), built from one of our safetensors checkpoints (no reference package needed)."""
     tensors, side = read_checkpoint(sinq_dir)
     weights: dict = {}
@@ -250,12 +250,12 @@ def test_inspect_reports_unsupported_and_legacy_variants(sinq_factory, tmp_path,
     from ckpt_mutation import copy_checkpoint, edit_sidecar, edit_tensors
 
     src = sinq_factory("qwen3", nbits=4, group_size=64)
-    nf4 = copy_checkpoint(src, tmp_path / "nf4")
-    edit_sidecar(nf4, lambda s: s["model.layers.0.mlp.up_proj"]["meta"].update(method="sinq_nf4_quantAux"))
-    rc, r = inspect_json(nf4, capsys)
+    noz = copy_checkpoint(src, tmp_path / "noz")
+    edit_sidecar(noz, lambda s: s["model.layers.0.mlp.up_proj"]["meta"].update(method="sinq_noz_quantAux"))
+    rc, r = inspect_json(noz, capsys)
     assert rc == 1 and not r["servable"]
-    assert any("model.layers.0.mlp.up_proj" in why and "NF4" in why for why in r["reasons"])
-    rc = main(["inspect", str(nf4)])
+    assert any("model.layers.0.mlp.up_proj" in why and "noz" in why for why in r["reasons"])
+    rc = main(["inspect", str(noz)])
     assert rc == 1 and "cannot serve it" in capsys.readouterr().out
 
     two_d = copy_checkpoint(src, tmp_path / "twod")

@@ -22,7 +22,22 @@ legacy variants        a repo checkpoint rewritten with the extra ``model.``    
                        prefix (reference commit 9a9812f), unpacked ``W_q`` in
                        layer 1 (gemlite era) and fp16 non-aux scales/zeros in
                        layer 0 (paper-eval ``sinq_nogemlite``)
+NF4 / NF3              the repo API with ``method="sinq_nf4"`` (Qwen3, fp16     2
+                       scales/zeros) and ``"sinq_nf3_quantAux"`` (Llama,
+                       g128 with the K fallback)
+A-SINQ                 the repo API with ``method="asinq"`` on its built-in     1
+                       calibration prompts (Llama with SmolLM2's tokenizer)
 =====================  ======================================================  =======
+
+Transformers' ``SinqConfig`` cannot write NF4/NF3 or A-SINQ checkpoints (it accepts
+``method`` "sinq" or "asinq", and "asinq" only for already quantized checkpoints);
+``test_transformers_writes_no_nf_or_asinq`` guards that fact, so the day it changes the
+missing layout shows up here.
+
+The reference's NF branch computes ``(CB[Q] - z) * s * t`` in fp16 (each step rounded,
+docs/format.md §1.7) where its uniform branch uses the compute dtype; its forward here runs
+that branch in float32 on the same stored values and fp16 codebook (tests/reference_checkpoints.py),
+and what the fp16 arithmetic alone moves is printed and bounded separately.
 
 Tolerance: both sides dequantize the same codes/scales/zeros to float32 (the reference
 as ``((Q - z) * s) * t``, vLLM applying ``t`` to the activations) and run float32
@@ -44,13 +59,16 @@ from safetensors.torch import load_file, save_file
 
 from conftest import vllm_engine
 from reference_checkpoints import (
+    ASINQ_SPEC,
     GREEDY_STEPS,
     HF_SPEC,
+    NF_SPECS,
     REPO_SPECS,
     hf_checkpoint,
     prefetch_all,
     repo_checkpoint,
     skip_reason,
+    smollm2_tokenizer_reason,
 )
 
 pytestmark = [
@@ -87,12 +105,21 @@ def vllm_outputs(model_dir, prompt_ids, **engine_kwargs):
     return logprobs, [list(o.outputs[0].token_ids) for o in outs]
 
 
-def compare_with_reference(label, ref, model_dir, **engine_kwargs) -> float:
-    logprobs, greedy = vllm_outputs(model_dir, ref.prompt_ids, **engine_kwargs)
+def _max_diff(prompt_ids, logprobs, ref_logprobs) -> float:
     worst = 0.0
-    for ids, got, want in zip(ref.prompt_ids, logprobs, ref.logprobs):
+    for ids, got, want in zip(prompt_ids, logprobs, ref_logprobs):
         expect = [want[i - 1, ids[i]].item() for i in range(1, len(ids))]
         worst = max(worst, max(abs(a - b) for a, b in zip(got, expect)))
+    return worst
+
+
+def compare_with_reference(label, ref, model_dir, oracle_tol: float | None = None,
+                           **engine_kwargs) -> float:
+    """vLLM (float32) vs the reference's own forward: prompt log-probs within LOGPROB_TOL, the
+    same greedy tokens. ``oracle_tol``: also vs Transformers on our
+    independent float32 dequantization (tests/reference_dequant.py), within that tolerance."""
+    logprobs, greedy = vllm_outputs(model_dir, ref.prompt_ids, **engine_kwargs)
+    worst = _max_diff(ref.prompt_ids, logprobs, ref.logprobs)
     print(f"{label}: max |prompt logprob diff| vs the reference forward = {worst:.3g}")
     assert worst < LOGPROB_TOL, f"{label}: max |logprob diff| {worst:.3g} >= {LOGPROB_TOL}"
     for p, (got, want, margins) in enumerate(zip(greedy, ref.greedy, ref.margins)):
@@ -100,6 +127,15 @@ def compare_with_reference(label, ref, model_dir, **engine_kwargs) -> float:
             step = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
             pytest.fail(f"{label}: prompt {p}: greedy tokens differ from step {step} (reference top-2 logit "
                         f"margin there {margins[step]:.3g}): vLLM {got} vs reference {want}")
+    if oracle_tol is not None:
+        from reference_dequant import dequantized_model
+
+        model = dequantized_model(model_dir, dtype=torch.float32)
+        with torch.no_grad():
+            exact = [torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1) for ids in ref.prompt_ids]
+        diff = _max_diff(ref.prompt_ids, logprobs, exact)
+        print(f"{label}: max |prompt logprob diff| vs Transformers on the float32 dequantization = {diff:.3g}")
+        assert diff < oracle_tol
     return worst
 
 
@@ -115,6 +151,48 @@ def test_repo_safetensors_checkpoint_matches_reference(arch, repo):
     # Qwen2 also checks the explicit flag; the others rely on sidecar auto-detection.
     kwargs = {"quantization": "sinq"} if arch == "qwen2" else {}
     compare_with_reference(f"repo safetensors {arch}", ckpt.outputs, ckpt.safetensors_dir, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# the rest of the family: NF4 / NF3 codebooks and A-SINQ, written by the repo API
+
+
+@pytest.mark.parametrize("spec", NF_SPECS, ids=[s[3] for s in NF_SPECS])
+def test_repo_nf_checkpoint_matches_reference(spec):
+    prefetch_all()
+    ckpt = repo_checkpoint(*spec)
+    side = json.loads((ckpt.safetensors_dir / SIDECAR).read_text())
+    assert {e["meta"]["method"] for e in side.values()} == {spec[3]}
+    label = f"repo {spec[3]} {spec[0]} {spec[1]}-bit g{spec[2]}"
+    compare_with_reference(label, ckpt.outputs, ckpt.safetensors_dir, oracle_tol=1e-4)
+    # the reference's fp16 NF arithmetic (three roundings per weight) against its float32 run
+    fp16 = _max_diff(ckpt.outputs.prompt_ids, [[lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+                                               for ids, lp in zip(ckpt.outputs.prompt_ids, ckpt.outputs.logprobs)],
+                     ckpt.outputs_nf_fp16.logprobs)
+    print(f"{label}: the reference's own fp16 NF arithmetic moves its prompt log-probs by {fp16:.3g}")
+    assert 0 < fp16 < 1e-2
+
+
+@pytest.mark.skipif(smollm2_tokenizer_reason() is not None, reason=str(smollm2_tokenizer_reason()))
+def test_repo_asinq_checkpoint_matches_reference():
+    prefetch_all()
+    ckpt = repo_checkpoint(*ASINQ_SPEC)
+    side = json.loads((ckpt.safetensors_dir / SIDECAR).read_text())
+    assert {e["meta"]["method"] for e in side.values()} == {"sinq_awq_l1_quantAux"}
+    compare_with_reference("repo asinq llama 4-bit g64", ckpt.outputs, ckpt.safetensors_dir)
+
+
+def test_transformers_writes_no_nf_or_asinq():
+    from transformers import SinqConfig
+
+    for method in ("sinq_nf4", "sinq_nf3", "sinq_awq_l1"):
+        with pytest.raises(ValueError, match="method"):
+            SinqConfig(method=method)
+    assert SinqConfig(method="asinq").method == "asinq"  # accepted, but only for pre-quantized models:
+    from transformers.quantizers.quantizer_sinq import SinqHfQuantizer
+
+    with pytest.raises(ValueError, match="asinq"):
+        SinqHfQuantizer(SinqConfig(method="asinq"), pre_quantized=False).validate_environment()
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,7 +230,7 @@ def test_transformers_sinqconfig_checkpoint_matches_reference(hf, capfd):
 
 
 # ---------------------------------------------------------------------------------------
-# legacy variants (sinq-format.md §2.11), one engine for all three
+# legacy variants (docs/format.md §2.11), one engine for all three
 
 
 def make_legacy_variant(src, dst, *, prefix=True, unpacked_layer=1, plain_layer=0):

@@ -239,7 +239,7 @@ def test_dequant_2d_hand_example():
 # --------------------------------------------------------------------------------------
 
 def _pack(Q: torch.Tensor, packing: str) -> torch.Tensor:
-    """Planar packer following the general rule of sinq-format.md §2.6."""
+    """Planar packer following the general rule of docs/format.md §2.6."""
     p, bits, dt = rd.PACKINGS[packing]
     R, g = Q.shape
     S = -(-R // p)
@@ -261,7 +261,7 @@ def test_unpack_round_trip(packing):
 
 
 def _rtn8(x: torch.Tensor, tile: int):
-    """quantAux 8-bit storage of sinq-format.md §2.5 (fp16)."""
+    """quantAux 8-bit storage of docs/format.md §2.5 (fp16)."""
     shape = x.shape
     x = x.view(tile, -1)
     mn = x.min(0, keepdim=True).values

@@ -509,7 +509,7 @@ def _sidecar_field_mutations():
         out.append(("axis", v, "sidecar axis or missing field"))
     for f in ("nbits", "shape"):
         out.append((f, _MISSING, "sidecar axis or missing field"))
-    for v in ("sinq_nf4_quantAux", "sinq_noz_quantAux", "sinq_nf3"):
+    for v in ("sinq_nf4_nf3_quantAux", "sinq_noz_quantAux", "sinq_nf3_nf4"):  # two codebooks; symmetric
         out.append(("method", v, "unsupported option"))
     out.append(("scale.shape", lambda r: [r // 64, 64, 1], "unsupported option"))  # 2D tiling
     return out

@@ -3,7 +3,7 @@
 For each bit width, two group sizes and odd shapes, checkpoint tensors are decoded by
 ``assembly`` (aux dequant, planar unpack, TP slicing, merged shards) and run through
 every available kernel backend; the result is compared with the independent float32
-oracle in ``reference_dequant`` (sinq-format.md §2.10).
+oracle in ``reference_dequant`` (docs/format.md §2.10).
 
 Tolerance: activations in float32 make the backend and the oracle differ only by
 summation order and by where ``t`` is multiplied: max error <= 2e-4 of the output's

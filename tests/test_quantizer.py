@@ -1,6 +1,6 @@
 """Tests of the SINQ quantizer and the ``sinq-vllm quantize`` command.
 
-The oracles here are written from sinq-format.md only: a float32 dequantizer (§2.10)
+The oracles here are written from docs/format.md only: a float32 dequantizer (§2.10)
 and a literal, unbatched port of the reference Sinkhorn + RTN of one tile (§1.2-§1.4).
 """
 
@@ -22,7 +22,7 @@ from sinq_vllm.format.safetensors_io import PlannedTensor, ShardWriter
 from sinq_vllm.quantizer.writer import parse_size, plan_shards
 
 # ---------------------------------------------------------------------------------------------
-# Independent oracles (sinq-format.md §2.10 and §1.2-§1.4)
+# Independent oracles (docs/format.md §2.10 and §1.2-§1.4)
 
 PACK = {"8bit_u8": (1, 8), "4bit_u8": (2, 4), "2bit_u8": (4, 2), "3bit_32": (10, 3), "5bit_32": (6, 5), "6bit_32": (5, 6)}
 

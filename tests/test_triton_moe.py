@@ -1,6 +1,6 @@
 """The Triton fused-MoE kernel for SINQ experts (sinq_vllm.triton_kernels.sinq_moe), run by
 Triton's interpreter (TRITON_INTERPRET=1) on CPU, against an independent float64 reference
-written from the formula (DESIGN.md §1), with its own K-packing of the codes:
+written from the formula (docs/design.md §1), with its own K-packing of the codes:
 
     W_e[n, k] = (Q[e, n, k] - z[e, n, k // g]) * s[e, n, k // g] * t[e, shard(n), k]
     out[m]    = sum_j w[m, j] * W2_e (silu(W13gate_e x_m) * W13up_e x_m),  e = topk_ids[m, j]

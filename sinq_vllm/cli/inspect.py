@@ -11,7 +11,7 @@ Reported:
   and legacy traits (extra ``model.`` name prefix, unpacked ``W_q``);
 * per quantized module: bits, effective and declared group size, method, quantAux,
   tiling, packing, shape, and why sinq-vllm cannot serve it if it cannot
-  (:meth:`LayerMeta.unsupported_reason`: 2D tiling, NF4/NF3, symmetric ``noz``, bits);
+  (:meth:`LayerMeta.unsupported_reason`: 2D tiling, symmetric ``noz``, bits);
 * modules kept in full precision (2-D ``.weight`` tensors without SINQ codes);
 * bytes of codes, of scales/zeros/column scales and of everything else, the total, and
   the model's estimated size in bf16 (every quantized weight at 2 bytes, every other

@@ -21,6 +21,9 @@ from ..errors import SinqError
 
 EXIT_USAGE = 2
 _NBITS_CHOICES = "{2,3,4,5,6,8}"
+# The rows of quantizer/methods.py (not imported here: it pulls in torch); tests/test_asinq.py
+# checks that both list the same methods.
+QUANTIZE_METHODS = ("sinq", "asinq", "sinq_nf4", "sinq_nf3", "sinq_fit", "rtn")
 
 
 def _command(subparsers, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
@@ -42,13 +45,23 @@ def add_quantize_parser(subparsers) -> None:
                    help="Hugging Face model folder (config.json + *.safetensors), or a Hub model id ORG/NAME")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must differ from SRC_DIR)")
     # Types stay plain int so the quantizer's own validation gives the one error message.
-    p.add_argument("--nbits", type=int, default=4, metavar=_NBITS_CHOICES, help="bits per weight (default 4)")
+    p.add_argument("--nbits", type=int, default=None, metavar=_NBITS_CHOICES,
+                   help="bits per weight (default 4; 3 for sinq_nf3)")
     p.add_argument("--group-size", type=int, default=64, metavar="N",
                    help="weights per scale/zero group along in_features, a multiple of 8, >= 16 (default 64)")
-    p.add_argument("--method", default="sinq", metavar="{sinq,rtn,sinq_fit}",
-                   help="sinq: Sinkhorn-normalized, as the reference (default); sinq_fit: SINQ's format with "
-                   "scales, zeros and column scales fitted to the weights (better quality, no calibration); "
+    p.add_argument("--method", default="sinq", metavar="{" + ",".join(QUANTIZE_METHODS) + "}",
+                   help="sinq: Sinkhorn-normalized (default); asinq: A-SINQ, SINQ plus an activation-aware scale "
+                   "from calibration text; sinq_nf4 / sinq_nf3: SINQ with the NF4 (4-bit) / NF3 (3-bit) codebook; "
+                   "sinq_fit: SINQ's format with scales, zeros and column scales fitted to the weights (better "
+                   "quality, no calibration); "
                    "rtn: plain round-to-nearest baseline")
+    p.add_argument("--calib-data", default=None, metavar="FILE",
+                   help="asinq: calibration text, UTF-8 plain text or .jsonl (one JSON string or {\"text\": ...} "
+                   "per line). Default: the reference's built-in prompts")
+    p.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                   help="asinq: at most N calibration samples (default 128)")
+    p.add_argument("--calib-seqlen", type=int, default=None, metavar="L",
+                   help="asinq: tokens per calibration sample (default 128)")
     p.add_argument("--no-aux", dest="aux", action="store_false",
                    help="store scales and zeros in fp16 instead of the default 8-bit quantAux")
     p.add_argument("--no-experts", dest="experts", action="store_false",
@@ -107,6 +120,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         experts=args.experts,
         routers=args.routers,
         lm_head=args.lm_head,
+        calib_data=args.calib_data,
+        calib_samples=args.calib_samples,
+        calib_seqlen=args.calib_seqlen,
     )
     print(
         f"wrote {s.out_dir}: {len(s.quantized)} quantized Linear layers, {s.copied} tensors copied, "
@@ -115,8 +131,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
     if s.experts_kept:
         print(f"{len(s.experts_kept)} MoE experts module(s) kept in full precision")
+    if s.calibration:
+        print(f"A-SINQ calibration on {s.calibration}; activation scale searched for {len(s.awq_searched)} of "
+              f"{len(s.quantized)} layers (the others: kurtosis-gated or outside the decoder blocks)")
     if s.kurtosis_gated:
-        print(f"{len(s.kurtosis_gated)} layer(s) had kurtosis > 5 and were quantized with plain RTN")
+        print(f"{len(s.kurtosis_gated)} layer(s) had kurtosis > 5 and were quantized without Sinkhorn (the reference's gate)")
     return 0
 
 

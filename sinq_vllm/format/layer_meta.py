@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import SinqCheckpointError
+from .codebooks import CODEBOOK_BITS
 from .packing import BITS_TO_PACKING, PACKINGS
 
 @dataclass(frozen=True)
@@ -41,10 +42,8 @@ class LayerMeta:
 
     @property
     def codebook(self) -> str | None:
-        for cb in ("nf4", "nf3"):
-            if cb in self.method:
-                return cb
-        return None
+        """The non-uniform code table the method names ("nf4", "nf3"), or None (uniform codes)."""
+        return method_codebook(self.method)
 
     @property
     def symmetric(self) -> bool:
@@ -56,8 +55,6 @@ class LayerMeta:
             return f"nbits={self.nbits} (supported: {sorted(BITS_TO_PACKING)})"
         if self.tiling == "2D":
             return "2D tiling (the column scale depends on the row block)"
-        if self.codebook:
-            return f"{self.codebook.upper()} codebook quantization"
         if self.symmetric:
             return "symmetric 'noz' quantization (scalar zero)"
         return None
@@ -85,6 +82,15 @@ class LayerMeta:
             raise SinqCheckpointError(f"{where}: unknown packing {packing!r} (known: {sorted(PACKINGS)})")
         if PACKINGS[packing][1] != nbits:
             raise SinqCheckpointError(f"{where}: packing {packing!r} does not hold {nbits}-bit codes")
+        codebooks = [cb for cb in CODEBOOK_BITS if cb in method.lower()]
+        if len(codebooks) > 1:
+            raise SinqCheckpointError(f"{where}: method {method!r} names several codebooks {codebooks}")
+        if codebooks and CODEBOOK_BITS[codebooks[0]] != nbits:
+            # docs/format.md §1.4: NF4 indexes 16 levels, NF3 8; other widths have no table
+            raise SinqCheckpointError(
+                f"{where}: method {method!r} stores {codebooks[0].upper()} codes, which are "
+                f"{CODEBOOK_BITS[codebooks[0]]}-bit, but nbits={nbits}"
+            )
         if meta.get("axis", 1) != 1:
             raise SinqCheckpointError(f"{where}: axis={meta.get('axis')!r}; SINQ groups run along in_features (axis 1)")
         n, k = shape
@@ -166,6 +172,12 @@ class LayerMeta:
                 "view_as_float": False,
             }
         }
+
+
+def method_codebook(method: str) -> str | None:
+    """The codebook a sidecar method string selects (its ``nf4``/``nf3`` flag, docs/format.md §1.1;
+    the reference tests the lower-cased string)."""
+    return next((cb for cb in CODEBOOK_BITS if cb in method.lower()), None)
 
 
 def reference_group_size(group_size: int, in_features: int) -> int:

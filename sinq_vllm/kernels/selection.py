@@ -8,6 +8,7 @@ fallback; ``auto`` falls back down the preference list and logs why.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import platform
 
@@ -135,17 +136,21 @@ def _log_choice(name, spec: LayerSpec, act_dtype, device, rejected) -> None:
     _logged.add(key)
     why = "forced by " + ENV_VAR if os.environ.get(ENV_VAR, "auto") not in ("", "auto") else "first that fits"
     extra = f" (skipped: {'; '.join(rejected)})" if rejected else ""
+    kind = f"{spec.nbits}-bit{' ' + spec.codebook.upper() if spec.codebook else ''} g{spec.group_size}"
     if name == "torch" and device.type == "cpu" and rejected and native_cpu_expected():
         # never a silent slow path (docs/design.md §4.4): say why and how to fix it
         unavailable = load_backend("cpu")[0] is None
         fix = CPU_FIX if unavailable else "the native CPU kernel does not support this layer (see the reason)"
         logger.warning(
-            "SINQ: %d-bit g%d layers on cpu/%s run on the portable torch fallback, several times slower than the "
+            "SINQ: %s layers on cpu/%s run on the portable torch fallback, several times slower than the "
             "native CPU kernel, because %s. Fix: %s",
-            spec.nbits, spec.group_size, str(act_dtype).replace("torch.", ""), "; ".join(rejected), fix,
+            kind, str(act_dtype).replace("torch.", ""), "; ".join(rejected), fix,
         )
         return
-    logger.info(
-        "SINQ: %d-bit g%d layers on %s/%s use the '%s' kernel backend (%s)%s",
-        spec.nbits, spec.group_size, device.type, str(act_dtype).replace("torch.", ""), name, why, extra,
+    # A backend skipped for a codebook it lacks means a slower path than the user may expect:
+    # say it as a warning, never silently.
+    level = logging.WARNING if spec.codebook is not None and rejected else logging.INFO
+    logger.log(
+        level, "SINQ: %s layers on %s/%s use the '%s' kernel backend (%s)%s",
+        kind, device.type, str(act_dtype).replace("torch.", ""), name, why, extra,
     )

@@ -7,8 +7,11 @@ Weights stay packed; each call dequantizes a bounded block of output rows at a t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from ..format.codebooks import CODEBOOKS, codebook_values
 from ..format.packing import pack_along_k, unpack_along_k
 from .contract import KernelBackend, LayerSpec, SinqWeights
 
@@ -18,6 +21,7 @@ _ROW_BLOCK = 1024
 
 class TorchBackend(KernelBackend):
     name = "torch"
+    codebooks = frozenset(CODEBOOKS)
 
     def unsupported_reason(self, spec: LayerSpec, act_dtype: torch.dtype, device: torch.device) -> str | None:
         return None
@@ -47,10 +51,21 @@ class TorchBackend(KernelBackend):
 
 
 def dequant_rows(tensors, spec: LayerSpec, r0: int, r1: int) -> torch.Tensor:
-    """float32 ``(Q - z) * s`` for output rows [r0, r1) (no column scale)."""
-    q = unpack_along_k(tensors["qweight"][r0:r1], spec.nbits, spec.in_features).float()
+    """float32 ``(V(Q) - z) * s`` for output rows [r0, r1) (no column scale); ``V`` is the
+    identity for uniform codes and the fp16 codebook for NF4/NF3 (docs/format.md §1.7)."""
+    q = unpack_along_k(tensors["qweight"][r0:r1], spec.nbits, spec.in_features)
+    if spec.codebook is not None:
+        q = _code_values(spec.codebook, q.device)[q.long()]
+    else:
+        q = q.float()
     g = spec.group_size
     q = q.view(r1 - r0, -1, g)
     z = tensors["zeros"][r0:r1].float().unsqueeze(-1)
     s = tensors["scales"][r0:r1].float().unsqueeze(-1)
     return ((q - z) * s).view(r1 - r0, spec.in_features)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_values(codebook: str, device: torch.device) -> torch.Tensor:
+    """float32 lookup table of a codebook's fp16 values (what the reference computes with)."""
+    return codebook_values(codebook, torch.float16, device).float()

@@ -1,10 +1,13 @@
 """Quantize one nn.Linear weight into the reference checkpoint tensors (docs/format.md §1, §2.3).
 
 The pipeline mirrors ``Quantizer.quantize`` -> ``tiled_quant_rectangle`` ->
-``quantize_dual_scale_shift`` for 1D tiling and uniform codes:
+``quantize_dual_scale_shift`` for 1D tiling:
 
-    W -> fp16 -> column slabs [N, B] -> fp32 -> Sinkhorn -> RTN per slab row
-      -> q, s1 = scale * mu2, t = mu1, z  (fp16) -> quantAux (rtn8) -> planar packing
+    W -> fp16 -> column slabs [N, B] -> fp32 -> Sinkhorn [-> x A-SINQ scale a]
+      -> RTN or NF codebook per slab row
+      -> q, s1 = scale * mu2, t = mu1 [/ a], z  (fp16) -> quantAux (rtn8) -> planar packing
+
+What each method turns on is its row in ``quantizer/methods.py``.
 """
 
 from __future__ import annotations
@@ -15,20 +18,21 @@ import torch
 
 from ..errors import SinqConfigError
 from ..format.aux8 import SCALE_TILE, dq8, rtn8
+from ..format.codebooks import codebook_values
 from ..format.layer_meta import LayerMeta
 from ..format.packing import BITS_TO_PACKING, SUPPORTED_BITS, pack_planar
 from ..format.tensor_specs import expected_tensor_specs
 from ..log import get_logger
-from .rtn import heavy_tailed, quantize_rtn
+from .awq import awq_scale
+from .methods import METHODS, QuantMethod, get_method
+from .rtn import heavy_tailed, quantize_nf, quantize_rtn
 from .sinkhorn import sinkhorn_log
 from .sinq_fit import fit_tile_quantize
 
 logger = get_logger(__name__)
 
-METHODS = ("sinq", "rtn", "sinq_fit")
-# Methods that write another method's format: sinq_fit chooses t, s, z and Q differently
-# but stores them exactly as SINQ does (sinq_fit.py), so readers see a SINQ checkpoint.
-_FORMAT_OF = {"sinq_fit": "sinq"}
+__all__ = ["METHODS", "QuantizedWeight", "quantize_weight", "quantize_weight_detailed", "stored_method"]
+
 MIN_GROUP = 16  # the reference asserts the (possibly halved) tile is at least this
 _SLAB_CHUNK_ELEMS = 1 << 22  # bounds the fp32 temporaries of Sinkhorn to a few 16 MiB buffers
 
@@ -37,36 +41,35 @@ _SLAB_CHUNK_ELEMS = 1 << 22  # bounds the fp32 temporaries of Sinkhorn to a few 
 class QuantizedWeight:
     tensors: dict[str, torch.Tensor]
     meta: LayerMeta
-    kurtosis_gated: bool  # a "sinq" layer that the reference gate sent to plain RTN
-
-
-def format_method(method: str) -> str:
-    """The method whose on-disk format ``method`` writes (``config.json``'s ``method``)."""
-    return _FORMAT_OF.get(method, method)
+    kurtosis_gated: bool  # a Sinkhorn layer that the reference gate sent to its RTN branch
+    awq: bool = False  # an A-SINQ layer whose activation scale was searched (False: no activations)
 
 
 def stored_method(method: str, aux: bool) -> str:
     """Method string for the sidecar; its substrings are the flags readers test.
 
-    "sinq" is what the reference remaps to "sinq_quantAux"; without aux we store plain
-    "sinq". RTN layers carry no "sinq" substring, so readers know t == 1.
+    "sinq" is what the reference remaps to "sinq_quantAux" (and "asinq" to
+    "sinq_awq_l1_quantAux"); without aux the "_quantAux" suffix is left out.
     """
-    method = format_method(method)
-    return f"{method}_quantAux" if aux else method
+    return get_method(method).stored_method(aux)
 
 
 def validate_options(nbits: int, group_size: int, method: str) -> None:
     """Reject options the reference would reject (or silently mis-handle)."""
+    m = get_method(method)
     if isinstance(nbits, bool) or not isinstance(nbits, int) or nbits not in SUPPORTED_BITS:
         raise SinqConfigError(f"nbits={nbits!r} is not supported; choose one of {list(SUPPORTED_BITS)}")
+    if nbits not in m.bits:
+        raise SinqConfigError(
+            f"method={method!r} writes {'/'.join(map(str, m.bits))}-bit codes ({m.summary}); nbits={nbits} does not "
+            "fit it" + (" (use --method sinq_nf3 for 3 bits)" if m.codebook == "nf4" and nbits == 3 else "")
+        )
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise SinqConfigError(f"group_size={group_size!r} must be an integer")
     if group_size < MIN_GROUP or group_size % 8:
         raise SinqConfigError(
             f"group_size={group_size} must be a multiple of 8 and at least {MIN_GROUP} (typical: 64 or 128)"
         )
-    if method not in METHODS:
-        raise SinqConfigError(f"method={method!r} is not supported; choose one of {list(METHODS)}")
 
 
 def _valid_groups(in_features: int) -> list[int]:
@@ -132,53 +135,79 @@ def quantized_layout(
     return {key: (spec.dtypes[0], spec.shape) for key, spec in expected_tensor_specs(meta).items() if spec.required}
 
 
-def _quantize_slabs(
-    slabs: torch.Tensor, nbits: int, use_sinkhorn: bool, sinkhorn_round_trip: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp16 slabs ``[T, N, B]`` -> uint8 codes, fp16 s1 ``[T, N, 1]``, z ``[T, N, 1]``, t ``[T, B]``.
+def _normalize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 slabs ``[T, N, B]`` -> ``(x / mu1 / mu2, mu1 [T, B], mu2 [T, N, 1])``.
 
-    ``sinkhorn_round_trip`` reproduces the reference's RTN branch of
-    ``quantize_dual_scale_shift`` (taken by kurtosis-gated "sinq" layers): it normalizes
-    with Sinkhorn, multiplies the factors back (``x / mu1 / mu2 * mu1 * mu2`` is not exact
-    in fp32) and then quantizes with unit scales. Skipping it flips ~0.3% of the codes at
-    rounding ties, so gated layers would not match the reference bit for bit.
+    ``mode``: "sinkhorn" (SINQ), "none" (plain RTN, unit factors) or "round_trip", the
+    reference's branch for layers without the ``sinq`` flag (kurtosis-gated layers): it
+    normalizes with Sinkhorn, multiplies the factors back (``x / mu1 / mu2 * mu1 * mu2`` is
+    not exact in fp32) and then uses unit factors. Skipping the round trip flips ~0.3% of
+    the codes at rounding ties, so gated layers would not match the reference bit for bit.
     """
-    x = slabs.to(torch.float32)
-    if use_sinkhorn:
-        x, mu1, mu2 = sinkhorn_log(x)
-    elif sinkhorn_round_trip:
-        x, mu1, mu2 = sinkhorn_log(x)
+    if mode == "none":
+        return x, x.new_ones(x.shape[0], x.shape[2]), x.new_ones(x.shape[0], x.shape[1], 1)
+    x, mu1, mu2 = sinkhorn_log(x)
+    if mode == "round_trip":
         x = x * mu1[:, None, :] * mu2
-        mu1 = torch.ones_like(mu1)
-        mu2 = torch.ones_like(mu2)
+        mu1, mu2 = torch.ones_like(mu1), torch.ones_like(mu2)
+    return x, mu1, mu2
+
+
+def _quantize_normalized(
+    x: torch.Tensor, mu1: torch.Tensor, mu2: torch.Tensor, nbits: int, codebook: str | None,
+    awq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalized fp32 slabs -> uint8 codes, fp16 s1 ``[T, N, 1]``, z ``[T, N, 1]``, t ``[T, B]``.
+
+    ``awq`` (fp16 ``[T, B]``, A-SINQ): the slabs are multiplied by it before quantization
+    and the column scale divided by it, so it is absorbed into ``t`` (docs/format.md §1.5).
+    """
+    if awq is not None:
+        x = x * awq[:, None, :]
+        mu1 = mu1 / awq.float()
+    if codebook is None:
+        q, scales, zeros = quantize_rtn(x, nbits)
     else:
-        mu1 = x.new_ones(x.shape[0], x.shape[2])
-        mu2 = x.new_ones(x.shape[0], x.shape[1], 1)
-    q, scales, zeros = quantize_rtn(x, nbits)
+        q, scales, zeros = quantize_nf(x, codebook_values(codebook, torch.float32))
     s1 = (scales * mu2).to(torch.float16)
     # Codes pass through fp16 in the reference; exact for integers <= 255.
     return q.to(torch.uint8), s1, zeros.to(torch.float16), mu1.to(torch.float16)
 
 
-def _tile_quantize(w16: torch.Tensor, group: int, nbits: int, use_sinkhorn: bool, sinkhorn_round_trip: bool = False):
-    """Run all column slabs of ``w16`` in chunks; returns codes ``[R, g]``, s, z ``[R, 1]``, t ``[1, K]``."""
+def _tile_quantize(w16: torch.Tensor, group: int, nbits: int, method: QuantMethod, gated: bool,
+                   activations: torch.Tensor | None = None):
+    """Quantize all column slabs of ``w16``: codes ``[R, g]``, s, z ``[R, 1]``, t ``[1, K]``, and
+    whether an A-SINQ scale was searched.
+
+    Without an activation scale to search, slabs go through in chunks (bounded fp32
+    temporaries). A-SINQ needs every slab's Sinkhorn result for each candidate scale, so
+    it normalizes the whole matrix once and keeps it (one fp32 copy of the weight).
+    """
     n, k = w16.shape
     tiles = k // group
     slabs = w16.view(n, tiles, group).permute(1, 0, 2)  # [T, N, B]
-    codes = torch.empty((n, tiles, group), dtype=torch.uint8)
-    scale = torch.empty((n, tiles), dtype=torch.float16)
-    zero = torch.empty((n, tiles), dtype=torch.float16)
-    col = torch.empty((tiles, group), dtype=torch.float16)
+    mode = "round_trip" if gated else ("sinkhorn" if method.sinkhorn else "none")
+    codebook = method.codebook
+    if method.calibrated and activations is not None and not gated:
+        x, mu1, mu2 = _normalize(slabs.to(torch.float32), mode)
+        awq = awq_scale(w16, activations, x, mu1, mu2, nbits).view(tiles, group)
+        return (*_assemble(n, [_quantize_normalized(x, mu1, mu2, nbits, codebook, awq)]), True)
     step = max(1, _SLAB_CHUNK_ELEMS // (n * group))
-    for lo in range(0, tiles, step):
-        hi = min(tiles, lo + step)
-        q, s1, z, t = _quantize_slabs(slabs[lo:hi], nbits, use_sinkhorn, sinkhorn_round_trip)
-        codes[:, lo:hi] = q.permute(1, 0, 2)
-        scale[:, lo:hi] = s1[..., 0].T
-        zero[:, lo:hi] = z[..., 0].T
-        col[lo:hi] = t
-    # Group row r = n * T + j: output row major, slab minor (reference permute(1, 0, 2)).
-    return codes.view(n * tiles, group), scale.view(-1, 1), zero.view(-1, 1), col.view(1, k)
+    parts = [_quantize_normalized(*_normalize(slabs[lo : lo + step].to(torch.float32), mode), nbits, codebook)
+             for lo in range(0, tiles, step)]
+    return (*_assemble(n, parts), False)
+
+
+def _assemble(n: int, parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunks of ``(q [t, N, B], s1 [t, N, 1], z [t, N, 1], t [t, B])`` in slab order -> the stored
+    layout: group row r = n * T + j, output row major, slab minor (reference permute(1, 0, 2))."""
+    q = torch.cat([p[0] for p in parts])
+    tiles, _, group = q.shape
+    codes = q.permute(1, 0, 2).reshape(n * tiles, group)
+    scale = torch.cat([p[1] for p in parts])[..., 0].T.reshape(-1, 1)
+    zero = torch.cat([p[2] for p in parts])[..., 0].T.reshape(-1, 1)
+    col = torch.cat([p[3] for p in parts]).reshape(1, tiles * group)
+    return codes, scale.contiguous(), zero.contiguous(), col
 
 
 def _require_finite(name: str, what: str, t: torch.Tensor) -> None:
@@ -218,9 +247,14 @@ def quantize_weight_detailed(
     aux: bool = True,
     name: str = "weight",
     compute_dtype: torch.dtype | str | None = None,
+    activations: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """:func:`quantize_weight` plus whether the kurtosis gate fired."""
+    """:func:`quantize_weight` plus whether the kurtosis gate fired and whether an A-SINQ
+    scale was searched. ``activations`` (``[S, L, K]``, method "asinq" only): the layer's
+    inputs on the calibration set; without them an A-SINQ layer is quantized like SINQ,
+    as the reference does for layers it collected nothing for."""
     validate_options(nbits, group_size, method)
+    qm = get_method(method)
     if W.dim() != 2 or not W.is_floating_point():
         raise SinqConfigError(f"layer '{name}': expected a 2-D float weight, got {tuple(W.shape)} {W.dtype}")
     n, k = W.shape
@@ -235,17 +269,19 @@ def quantize_weight_detailed(
 
     # The reference works on fp16 weights whatever the model dtype (docs/format.md §1.6).
     w16 = W.detach().to("cpu", torch.float16).contiguous()
-    gated = method == "sinq" and heavy_tailed(w16)
+    gated = qm.kurtosis_gate and heavy_tailed(w16)
     if gated:
-        logger.info("layer '%s': kurtosis > 5, quantized with plain RTN (as the reference)", name)
+        logger.info("layer '%s': kurtosis > 5, quantized without Sinkhorn (the reference's gate)", name)
+    if activations is not None and (not qm.calibrated or activations.shape[-1] != k):
+        raise SinqConfigError(f"layer '{name}': activations {tuple(activations.shape)} given to method {method!r} "
+                              f"(only 'asinq' uses them, with in_features={k} last)")
     # Gated layers take the reference's RTN branch, Sinkhorn round trip included, so that
     # they match it bit for bit; --method rtn stays plain RTN (our baseline, no Sinkhorn).
-    if method == "sinq_fit":
+    if qm.fitted:
         codes, scale, zero, col = fit_tile_quantize(w16, group, nbits, aux)
+        searched = False
     else:
-        codes, scale, zero, col = _tile_quantize(
-            w16, group, nbits, use_sinkhorn=method == "sinq" and not gated, sinkhorn_round_trip=gated
-        )
+        codes, scale, zero, col, searched = _tile_quantize(w16, group, nbits, qm, gated, activations)
     # An inf/NaN weight (e.g. beyond the fp16 range) reaches every scale and zero of its
     # group row, so checking these R values covers the N*K weights.
     _require_finite(name, "a group scale", scale)
@@ -258,7 +294,7 @@ def quantize_weight_detailed(
     else:
         tensors.update({"meta.scale": scale, "meta.zero": zero})
 
-    return QuantizedWeight(tensors, meta, gated)
+    return QuantizedWeight(tensors, meta, gated, searched)
 
 
 def quantize_weight(

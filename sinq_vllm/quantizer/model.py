@@ -36,9 +36,11 @@ from ..format.layer_meta import LayerMeta
 from ..format.names import DROPPED_BUFFER_SUFFIXES, INDEX_NAME, SIDECAR_NAME
 from ..format.safetensors_io import PlannedTensor, ShardWriter, st_dtype
 from ..log import get_logger
-from .layer import (
-    effective_group_size, format_method, quantize_weight_detailed, quantized_layout, stored_method, validate_options,
-)
+from .activations import BlockActivations, decoder_core
+from .calibration import calibration_set
+from .calibration import check_options as check_calibration_options
+from .layer import effective_group_size, quantize_weight_detailed, quantized_layout, stored_method, validate_options
+from .methods import get_method
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
     Shard,
@@ -70,7 +72,9 @@ class QuantizeSummary:
     aux: bool
     quantized: list[str] = field(default_factory=list)  # module names
     not_converted: list[str] = field(default_factory=list)  # Linear modules kept in full precision
-    kurtosis_gated: list[str] = field(default_factory=list)  # "sinq" layers the gate sent to RTN
+    kurtosis_gated: list[str] = field(default_factory=list)  # layers the reference's gate sent to its RTN branch
+    calibration: str = ""  # A-SINQ: the calibration set, e.g. "built-in prompts ...: 13 samples x 128 tokens"
+    awq_searched: list[str] = field(default_factory=list)  # A-SINQ layers whose activation scale was searched
     experts_kept: list[str] = field(default_factory=list)  # MoE expert containers left in full precision
     copied: int = 0  # tensors copied unchanged
     dropped: list[str] = field(default_factory=list)  # tensor keys left out (tied lm_head, buffers)
@@ -425,6 +429,39 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         p.unlink()
 
 
+def _calibration(src: Path, handles, weight_map, items, skel: _Skeleton, options, summary) -> BlockActivations:
+    """A-SINQ: the calibration samples and the block-by-block activation collector, with the
+    first block already run, so that every problem shows before the output is touched."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    fused = sorted(c for c in skel.experts if any(it.module and it.module.startswith(c + ".") for it in items))
+    if fused:
+        # Fused experts are not nn.Linear: no hook sees their inputs (the reference does not
+        # quantize them at all, docs/format.md §2.9).
+        raise SinqConfigError(
+            f"--method asinq: the MoE experts of '{fused[0]}' have no calibration path (fused expert "
+            "parameters, not nn.Linear modules); keep them in full precision with --no-experts or --skip, "
+            "or use --method sinq"
+        )
+    config = AutoConfig.from_pretrained(str(src))
+    with torch.device("meta"):
+        # SDPA as in the reference's from_pretrained: causal without an attention mask
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    decoder_core(model)  # the architecture has a calibration path (or the error names where it looked)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError, KeyError) as e:
+        raise SinqConfigError(f"--method asinq needs the model's tokenizer in {str(src)!r}: {e}") from None
+    calib = calibration_set(tokenizer, *options)
+    summary.calibration = calib.describe()
+    collector = BlockActivations(model, lambda key: handles[weight_map[key]].get_tensor(key), set(weight_map),
+                                 calib.samples)
+    logger.info("A-SINQ calibration: %s, %d decoder blocks at %s", calib.describe(), len(collector.blocks),
+                collector.prefix)
+    collector.start()
+    return collector
+
+
 def quantization_config(nbits, group_size, method, aux, not_converted) -> dict:
     """``config.json`` entry: Transformers' SinqConfig fields plus ``aux``."""
     return {
@@ -432,7 +469,7 @@ def quantization_config(nbits, group_size, method, aux, not_converted) -> dict:
         "nbits": nbits,
         "group_size": group_size,
         "tiling_mode": "1D",
-        "method": format_method(method),  # Transformers' SinqConfig accepts only its own methods
+        "method": get_method(method).format_name,  # Transformers' SinqConfig accepts only its own methods
         "modules_to_not_convert": not_converted,
         "aux": aux,
     }
@@ -454,7 +491,7 @@ def _copy_side_files(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def _write_shard(out: Path, shard: Shard, handles, opts, summary, metas, bar) -> None:
+def _write_shard(out: Path, shard: Shard, handles, opts, summary, metas, bar, activations=None) -> None:
     nbits, group_size, method, aux = opts
     with ShardWriter(out / shard.filename, shard.specs, metadata={"format": "pt"}) as writer:
         for item in shard.items:
@@ -464,8 +501,12 @@ def _write_shard(out: Path, shard: Shard, handles, opts, summary, metas, bar) ->
                 summary.copied += 1
             else:
                 t0 = time.perf_counter()
-                q = quantize_weight_detailed(tensor, nbits, group_size, method, aux and item.aux_ok, name=item.module)
+                acts = activations.for_module(item.module) if activations is not None else None
+                q = quantize_weight_detailed(tensor, nbits, group_size, method, aux and item.aux_ok, name=item.module,
+                                             activations=acts)
                 summary.quantize_seconds += time.perf_counter() - t0
+                if q.awq:
+                    summary.awq_searched.append(item.module)
                 for k, v in q.tensors.items():
                     writer.write(f"{item.module}.{k}", v)
                 metas.append(q.meta)
@@ -479,7 +520,7 @@ def _write_shard(out: Path, shard: Shard, handles, opts, summary, metas, bar) ->
 def quantize_model(
     src_dir,
     out_dir,
-    nbits: int = 4,
+    nbits: int | None = None,
     group_size: int = 64,
     method: str = "sinq",
     aux: bool = True,
@@ -490,6 +531,9 @@ def quantize_model(
     experts: bool = True,
     routers: bool = False,
     lm_head: bool = False,
+    calib_data: str | None = None,
+    calib_samples: int | None = None,
+    calib_seqlen: int | None = None,
 ) -> QuantizeSummary:
     """Quantize every nn.Linear of a local HF safetensors model, the output head only if
     ``lm_head`` (a tied head is then untied in ``config.json``: the embedding stays as
@@ -504,9 +548,22 @@ def quantize_model(
     carrying ``quantization_config``, and copies tokenizer and generation files.
     Modules whose name matches a ``skip`` pattern (fnmatch or substring) stay in full
     precision. Everything is validated before the first byte is written.
+
+    ``method`` is a row of ``quantizer/methods.py``; ``nbits`` defaults to the method's (4,
+    3 for "sinq_nf3"). A-SINQ ("asinq") calibrates on the reference's built-in prompts or
+    on ``calib_data`` (a text or jsonl file; ``calib_samples`` x ``calib_seqlen`` tokens),
+    running the model's decoder blocks one at a time (``quantizer/activations.py``).
     """
     t_start = time.perf_counter()
+    qm = get_method(method)
+    nbits = qm.default_bits if nbits is None else nbits
     validate_options(nbits, group_size, method)
+    calibration_options = (calib_data, calib_samples, calib_seqlen)
+    if not qm.calibrated and any(v is not None for v in calibration_options):
+        raise SinqConfigError(f"--calib-data/--calib-samples/--calib-seqlen calibrate A-SINQ (--method asinq), "
+                              f"not method {method!r}")
+    if qm.calibrated:
+        check_calibration_options(*calibration_options)
     skip = list(skip or ())
     src, out = Path(src_dir), Path(out_dir)
     _check_dirs(src, out)
@@ -523,6 +580,9 @@ def quantize_model(
         summary.experts_kept = list(dict.fromkeys(summary.experts_kept))
         shards = plan_shards(items, lambda it: _specs_for(it, nbits, group_size, aux), parse_size(max_shard_size))
         summary.source_size = sum(PlannedTensor(it.key, it.dtype, it.shape).nbytes for it in items)
+        activations = None
+        if qm.calibrated:
+            activations = _calibration(src, handles, weight_map, items, skel, calibration_options, summary)
         _prepare_out_dir(out, overwrite)
 
         metas: list[LayerMeta] = []
@@ -530,7 +590,7 @@ def quantize_model(
         desc = f"SINQ {method} {nbits}-bit g{group_size}"
         with tqdm(total=len(items), desc=desc, unit="tensor", disable=not progress) as bar:
             for shard in shards:
-                _write_shard(out, shard, handles, opts, summary, metas, bar)
+                _write_shard(out, shard, handles, opts, summary, metas, bar, activations)
 
     write_sidecar(out, metas)
     write_index(out, shards)

@@ -41,3 +41,27 @@ def quantize_rtn(w: torch.Tensor, nbits: int) -> tuple[torch.Tensor, torch.Tenso
     # In-place chain of round(w / scales + zeros).clamp(0, max_int): same roundings, fewer buffers.
     q = torch.div(w, scales).add_(zeros).round_().clamp_(0, max_int)
     return q, scales, zeros
+
+
+_NF_ARGMIN_ELEMS = 1 << 18  # weights per argmin chunk: bounds the [.., levels] temporary to 16 MiB
+
+
+def quantize_nf(w: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize each row (last dim) of ``w`` to the nearest level of ``codebook`` (fp32, sorted).
+
+    The reference's ``quantize_rtn(mode="nf4"|"nf3")`` with its default "mean" shift
+    (docs/format.md §1.4): ``w ~= (CB[q] - zeros) * scales`` with
+    ``scales = max|w - mean|`` and ``zeros = -mean / scales``. Returns float32
+    ``(q, scales, zeros)``; ties between two levels go to the lower code (``argmin``).
+    """
+    w = w.to(torch.float32)
+    mu = w.mean(dim=-1, keepdim=True)
+    scales = (w - mu).abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_RANGE)
+    zeros = -mu / scales
+    norm = w / scales + zeros
+    flat = norm.reshape(-1)
+    q = torch.empty(flat.shape, dtype=torch.uint8)
+    for lo in range(0, flat.numel(), _NF_ARGMIN_ELEMS):
+        part = flat[lo : lo + _NF_ARGMIN_ELEMS]
+        q[lo : lo + part.numel()] = (part[:, None] - codebook[None, :]).abs().argmin(dim=-1)
+    return q.view(norm.shape).float(), scales, zeros

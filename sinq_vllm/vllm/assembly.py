@@ -57,8 +57,11 @@ def decode_shard(meta: LayerMeta, tensors: dict[str, torch.Tensor], part: ShardS
     )
 
 
-def merge_shards(decoded: list[DecodedModule], nbits: int, group_size: int, device) -> SinqWeights:
-    """Concatenate decoded shards along N; one column-scale row per shard."""
+def merge_shards(
+    decoded: list[DecodedModule], nbits: int, group_size: int, device, codebook: str | None = None
+) -> SinqWeights:
+    """Concatenate decoded shards along N; one column-scale row per shard. ``codebook``: the
+    NF table every shard's codes index (None: uniform codes)."""
     offsets = [0]
     for d in decoded:
         offsets.append(offsets[-1] + d.codes.shape[0])
@@ -70,6 +73,7 @@ def merge_shards(decoded: list[DecodedModule], nbits: int, group_size: int, devi
         shard_offsets=tuple(offsets),
         nbits=nbits,
         group_size=group_size,
+        codebook=codebook,
     )
 
 
@@ -79,10 +83,14 @@ def assemble(
     """Decode, cut and concatenate the shards of one vLLM layer into ``SinqWeights``."""
     first = metas[0]
     for m in metas[1:]:
-        if (m.nbits, m.group_size) != (first.nbits, first.group_size):
+        if (m.nbits, m.group_size, m.codebook) != (first.nbits, first.group_size, first.codebook):
             raise SinqCheckpointError(
                 f"modules '{first.name}' and '{m.name}' are merged into one vLLM layer but were quantized "
-                f"differently ({first.nbits}-bit g{first.group_size} vs {m.nbits}-bit g{m.group_size})"
+                f"differently ({_kind(first)} vs {_kind(m)})"
             )
     decoded = [decode_shard(m, t, p) for m, t, p in zip(metas, shard_tensors, parts)]
-    return merge_shards(decoded, first.nbits, first.group_size, device)
+    return merge_shards(decoded, first.nbits, first.group_size, device, first.codebook)
+
+
+def _kind(meta: LayerMeta) -> str:
+    return f"{meta.nbits}-bit g{meta.group_size} {meta.codebook.upper() if meta.codebook else 'uniform'} codes"

@@ -65,12 +65,12 @@ class SinqLinearMethod(LinearMethodBase):
             raise SinqCheckpointError(
                 f"layer '{self.prefix}' merges {len(full_sizes)} modules but the checkpoint has {len(self.metas)}"
             )
-        kinds = {(m.aux, m.nbits, m.group_size) for m in self.metas}
+        kinds = {(m.aux, m.nbits, m.group_size, m.codebook) for m in self.metas}
         if len(kinds) > 1:
             names = ", ".join(m.name for m in self.metas)
             raise SinqCheckpointError(
                 f"modules {names} are merged into vLLM layer '{self.prefix}' but were quantized with different "
-                "options (bits, group size or quantAux); re-quantize them alike"
+                "options (bits, group size, quantAux or NF codebook); re-quantize them alike"
             )
         for meta, n in zip(self.metas, full_sizes):
             if (meta.out_features, meta.in_features) != (n, input_size):

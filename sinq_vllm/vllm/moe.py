@@ -166,11 +166,11 @@ class SinqMoEMethod(FusedMoEMethodBase):
         inter = moe.intermediate_size
         expected = {"w1": (inter, hidden), "w3": (inter, hidden), "w2": (hidden, inter)}
         for sid, metas in self.metas.items():
-            kinds = {(m.nbits, m.group_size) for m in metas}
+            kinds = {(m.nbits, m.group_size, m.codebook or "uniform") for m in metas}
             if len(kinds) > 1:
                 raise SinqCheckpointError(
-                    f"{where}: the {sid} projections of its experts were quantized with different bits/group sizes "
-                    f"{sorted(kinds)}; re-quantize them alike"
+                    f"{where}: the {sid} projections of its experts were quantized with different bits/group sizes/"
+                    f"codebooks {sorted(kinds)}; re-quantize them alike"
                 )
             for m in metas:
                 if (m.out_features, m.in_features) != expected[sid]:
@@ -178,7 +178,7 @@ class SinqMoEMethod(FusedMoEMethodBase):
                         f"layer '{m.name}': sidecar shape [{m.out_features}, {m.in_features}] does not match the model "
                         f"config's {list(expected[sid])}"
                     )
-        if len({(m.nbits, m.group_size) for m in self.metas["w1"] + self.metas["w3"]}) > 1:
+        if len({(m.nbits, m.group_size, m.codebook) for m in self.metas["w1"] + self.metas["w3"]}) > 1:
             raise SinqCheckpointError(f"{where}: gate_proj and up_proj experts were quantized differently")
         check_k_split(f"{where}: down_proj", inter, inter_local, self.metas["w2"][0].group_size)
 
@@ -208,7 +208,8 @@ class SinqMoEMethod(FusedMoEMethodBase):
                 decoded[family].append(assemble(metas, tensors, [part] * len(shards), device))
             raw["w13"][local] = raw["w2"][local] = None  # free the raw tensors as we go
 
-        self.kernel = _choose_kernel(device)
+        codebooks = sorted({m.codebook for ms in self.metas.values() for m in ms if m.codebook})
+        self.kernel = _choose_kernel(device, codebooks)
         act_dtype = layer.params_dtype
         for family, weights in decoded.items():
             spec = spec_of(weights[0])
@@ -311,13 +312,20 @@ def _local_to_global(layer, num_local: int) -> list[int]:
     return out
 
 
-def _choose_kernel(device: torch.device) -> str:
+def _choose_kernel(device: torch.device, codebooks=()) -> str:
     want = os.environ.get(MOE_KERNEL_ENV, "auto").strip().lower() or "auto"
     if want not in ("auto", "triton", "loop"):
         raise SinqConfigError(f"{MOE_KERNEL_ENV}={want!r}; valid values: auto, triton, loop")
     triton_ok = device.type == "cuda" and _triton_importable()
     if want == "triton" and not triton_ok:
         raise SinqConfigError(f"{MOE_KERNEL_ENV}=triton needs a CUDA device and Triton")
+    if codebooks:
+        # The grouped Triton MoE kernel computes uniform codes only: NF experts run per expert
+        # through a backend whose `codebooks` include theirs (docs/design.md §3.5).
+        if want == "triton":
+            raise SinqConfigError(f"{MOE_KERNEL_ENV}=triton: the Triton MoE kernel does not compute "
+                                  f"{'/'.join(c.upper() for c in codebooks)} codebook experts; use auto or loop")
+        return "loop"
     if want == "loop" or requested_backend() != "auto":
         return "loop"  # a forced SINQ_VLLM_BACKEND runs per expert through that backend
     return "triton" if triton_ok else "loop"
