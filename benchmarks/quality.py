@@ -498,11 +498,15 @@ def run_family(name: str, src: Path, args, on_row=None) -> dict:
     return partial()
 
 
+def _header(title: str, machine: str, elapsed: float) -> list[str]:
+    """The first lines of every result table: title, machine, the command that wrote it."""
+    return [title, "", f"- machine: {machine}",
+            f"- command: `{C.command_line('quality.py')}` ({elapsed / 60:.1f} min)"]
+
+
 def family_markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
-    out = ["# Quality: A-SINQ and SINQ-NF4, ours and the reference's", ""]
+    out = _header("# Quality: A-SINQ and SINQ-NF4, ours and the reference's", machine, elapsed)
     out += [
-        f"- machine: {machine}",
-        f"- command: `{C.command_line('quality.py')}` ({elapsed / 60:.1f} min)",
         "- protocol (the parity section of quality.md): float32 Transformers forward on the dequantized weights on "
         f"both sides, {args.window}-token windows with BOS, every window token scored.",
         f"- **calibration text is disjoint from evaluation text**: A-SINQ calibrates on the first half of `c4.utf8` "
@@ -695,10 +699,8 @@ def fill_from_parity(name: str, rows: list[dict], wins: dict, args) -> None:
 
 
 def methods_markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
-    out = ["# Quality: sinq_fit (calibration-free) next to RTN and SINQ, float32 protocol", ""]
+    out = _header("# Quality: sinq_fit (calibration-free) next to RTN and SINQ, float32 protocol", machine, elapsed)
     out += [
-        f"- machine: {machine}",
-        f"- command: `{C.command_line('quality.py')}` ({elapsed / 60:.1f} min)",
         "- protocol (the parity section of quality.md): float32 Transformers forward on the dequantized weights "
         f"(`tests/reference_dequant.py`), {args.window}-token windows with BOS, every window token scored; the first "
         f"{args.ref_tokens} tokens of `wiki.utf8` (`<doc>` lines removed) and of the **second half** of `c4.utf8` "
@@ -757,10 +759,8 @@ def main_methods(args) -> int:
 # report
 
 def markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
-    out = ["# Quality: perplexity of SINQ vs RTN checkpoints served by vLLM", ""]
+    out = _header("# Quality: perplexity of SINQ vs RTN checkpoints served by vLLM", machine, elapsed)
     out += [
-        f"- machine: {machine}",
-        f"- command: `{C.command_line('quality.py')}` ({elapsed / 60:.1f} min)",
         f"- protocol: first {args.tokens} tokens of each corpus (no special tokens), non-overlapping "
         f"{args.window}-token windows, BOS put in front of every window, every window token scored; "
         "the same token ids for every variant. vLLM bf16 engine, `SamplingParams(max_tokens=1, "

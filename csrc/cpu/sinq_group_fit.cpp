@@ -53,11 +53,15 @@ inline Fit solve(const Sums& s, double sl, double sll, double sxl) {
   return {a, b, s.sxx - a * sxl - b * s.sx};
 }
 
-// Codes q = clamp(round(xm * mul)) of one range-search candidate, and the sums they need.
-SINQ_CLONES void code_sums(const float* xm, const float* w, int64_t g, float mul, float nmax, double* out) {
+// The sums a least-squares fit of (a, b) needs, over the codes of one candidate:
+// range search (lloyd == false): q = clamp(round(xm * p)); Lloyd step (lloyd == true):
+// q = clamp(round((xm - p) / a)), as the torch version (sub, then div). One loop for both
+// (the branch is loop-invariant), each with the torch version's float expression.
+SINQ_CLONES void fit_sums(const float* xm, const float* w, int64_t g, bool lloyd, float p, float a, float nmax,
+                          double* out) {
   double sl = 0, sll = 0, sxl = 0;
   for (int64_t i = 0; i < g; ++i) {
-    float q = std::nearbyint(xm[i] * mul);
+    float q = lloyd ? std::nearbyint((xm[i] - p) / a) : std::nearbyint(xm[i] * p);
     q = std::min(std::max(q, 0.f), nmax);
     const double wi = w ? w[i] : 1.0;
     sl += wi * q;
@@ -69,20 +73,12 @@ SINQ_CLONES void code_sums(const float* xm, const float* w, int64_t g, float mul
   out[2] = sxl;
 }
 
-// Lloyd step codes: q = round((xm - b) / a), as the torch version (sub, then div).
-SINQ_CLONES void lloyd_sums(const float* xm, const float* w, int64_t g, float b, float a, float nmax, double* out) {
-  double sl = 0, sll = 0, sxl = 0;
-  for (int64_t i = 0; i < g; ++i) {
-    float q = std::nearbyint((xm[i] - b) / a);
-    q = std::min(std::max(q, 0.f), nmax);
-    const double wi = w ? w[i] : 1.0;
-    sl += wi * q;
-    sll += wi * q * q;
-    sxl += wi * q * xm[i];
-  }
-  out[0] = sl;
-  out[1] = sll;
-  out[2] = sxl;
+void code_sums(const float* xm, const float* w, int64_t g, float mul, float nmax, double* out) {
+  fit_sums(xm, w, g, false, mul, 1.f, nmax, out);
+}
+
+void lloyd_sums(const float* xm, const float* w, int64_t g, float b, float a, float nmax, double* out) {
+  fit_sums(xm, w, g, true, b, a, nmax, out);
 }
 
 void fit_one(const float* x, const float* w, int64_t g, int nbits, const std::vector<float>& deltas, int64_t lloyd,
