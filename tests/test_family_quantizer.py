@@ -143,7 +143,7 @@ def test_cli_lists_every_method():
 
 def test_unknown_method_lists_the_valid_ones(model_factory, tmp_path):
     with pytest.raises(SinqConfigError, match=r"method='nf4' is not supported; choose one of \['sinq', 'asinq', "
-                                              r"'sinq_nf4', 'sinq_nf3', 'rtn'\]"):
+                                              r"'sinq_nf4', 'sinq_nf3', 'sinq_fit', 'rtn'\]"):
         quantize_model(model_factory("llama"), tmp_path / "out", method="nf4")
     assert not (tmp_path / "out").exists()
 

@@ -221,7 +221,7 @@ def test_sinq_moe_method_triton_path(moe, monkeypatch, dtype):
     import sinq_vllm.vllm.moe as mm
     from moe_fakes import load_experts, make_checkpoint_experts, reference_moe_output
 
-    monkeypatch.setattr(mm, "_choose_kernel", lambda device: "triton")
+    monkeypatch.setattr(mm, "_choose_kernel", lambda device, codebooks=(): "triton")
     ckpt = make_checkpoint_experts(3, 128, 64, seed=7)
     method, layer = load_experts(ckpt, 3, 128, 64)
     assert method.kernel == "triton" and layer.sinq_w13_qweight.dtype == torch.int32
