@@ -205,7 +205,7 @@ def quantized_checkpoint(src: Path, spec: QuantSpec, name: str | None = None) ->
     info = {"settings": spec.settings(), "source": str(src),
             "quantize_seconds": s.quantize_seconds, "seconds": s.seconds,
             "kurtosis_gated": len(s.kurtosis_gated), "layers": len(s.quantized),
-            "awq_searched": len(s.awq_searched), "calibration": s.calibration}
+            "calibrated_layers": len(s.calibrated_layers), "calibration": s.calibration}
     (out / QUANT_MARKER).write_text(json.dumps(info, indent=1))
     log(f"  done in {s.seconds:.1f} s (quantize_weight {s.quantize_seconds:.1f} s)")
     info["cached"] = False

@@ -487,7 +487,7 @@ def run_family(name: str, src: Path, args, on_row=None) -> dict:
                "theirs": {c: C.ppl_from_nll(sum(r["nll"][c]), sum(r["count"][c])) for c in FAMILY_CORPORA},
                "identical": [same, total], "ours_quantize_seconds": info["quantize_seconds"],
                "reference_quantize_seconds": r["quantize_seconds"], "gated": info["kurtosis_gated"],
-               "layers": info["layers"], "awq_searched": info.get("awq_searched")}
+               "layers": info["layers"], "calibrated_layers": info.get("calibrated_layers")}
         log_row(row)
         if not calibrated and args.as_written:  # the reference as it is: its gated layers get uniform codes under the NF label
             raw = reference_sinq(src, name, nbits, g, wins, bos, method=ref_method)
@@ -581,7 +581,7 @@ def gap_closed(base: float, rtn: float, sinq: float) -> float:
 # methods beyond the reference (--methods): sinq_fit next to RTN and SINQ, float32
 
 METHODS_CORPORA = ("wiki", "c4-second-half")
-FIT_METHODS = ("rtn", "sinq", "sinq_fit")
+FIT_METHODS = ("rtn", "sinq", "sinq_fit", "asinq", "sinq_gptq")
 
 
 def corpus_second_half(corpus: str) -> str:
@@ -641,10 +641,14 @@ def _score_key(wins: dict, bos, *identity) -> str:
 
 
 def run_methods(name: str, src: Path, args) -> dict:
-    """Rows: unquantized, then RTN, SINQ and sinq_fit per setting (quantAux checkpoints;
-    RTN without, as the parity section's RTN), each scored on the dequantized weights."""
+    """Rows: unquantized, then each of ``--fit-methods`` per setting (quantAux checkpoints;
+    RTN without, as the parity section's RTN), each scored on the dequantized weights.
+    Calibrated methods calibrate on the first half of c4 (``--calib-samples`` x ``--calib-seqlen``
+    tokens); the c4 scores use its second half."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from sinq_vllm.quantizer.methods import get_method
 
     dq = C.load_test_helper("reference_dequant")
     wins, bos = methods_windows(src, args.ref_tokens, args.window)
@@ -654,7 +658,11 @@ def run_methods(name: str, src: Path, args) -> dict:
     for item in args.settings.split(","):
         nbits, g = (int(v) for v in item.split(":"))
         for method in args.fit_methods.split(","):
-            spec = C.QuantSpec(method, nbits, g, aux=method != "rtn")
+            calib = get_method(method).calibrated
+            spec = C.QuantSpec(method, nbits, g, aux=method != "rtn",
+                               calib=C.rel(C.corpus_half_file(CALIB_CORPUS, 0)) if calib else None,
+                               calib_samples=args.calib_samples if calib else None,
+                               calib_seqlen=args.calib_seqlen if calib else None)
             if args.table_only and not (C.artifacts_dir("bench") / f"{name}-{spec.tag}" / C.QUANT_MARKER).is_file():
                 rows.append({"setting": spec.label, "method": method, "nbits": nbits, "group_size": g, "ppl": {}})
                 continue

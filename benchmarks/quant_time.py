@@ -88,7 +88,7 @@ def child(args) -> int:
                            **({"calib_samples": args.calib_samples} if args.child == "asinq" else {}))
         res.update(quantize_seconds=s.quantize_seconds, seconds=s.seconds, layers=len(s.quantized),
                    kurtosis_gated=len(s.kurtosis_gated), total_size=s.total_size,
-                   awq_searched=len(s.awq_searched), calibration=s.calibration)
+                   calibrated_layers=len(s.calibrated_layers), calibration=s.calibration)
     Path(args.result_file).write_text(json.dumps(res))
     return 0
 

@@ -109,7 +109,7 @@ def test_asinq_model_bit_identical_to_reference(tmp_path):
     arch, nbits, group, method = ASINQ_SPEC
     s = quantize_model(ref.src_dir, tmp_path / "ours", nbits=nbits, group_size=group, method=method, progress=False)
     assert s.calibration.startswith("built-in prompts") and "13 samples x 128 tokens" in s.calibration
-    assert len(s.awq_searched) == len(s.quantized) == 14  # every block Linear, none gated (Gaussian weights)
+    assert len(s.calibrated_layers) == len(s.quantized) == 14  # every block Linear, none gated (Gaussian weights)
     count = assert_same_checkpoint(tmp_path / "ours", ref.safetensors_dir)
     print(f"A-SINQ {arch}: {count} SINQ tensors bit-identical to the reference")
     cfg = json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]
@@ -143,7 +143,7 @@ def test_cli_lists_every_method():
 
 def test_unknown_method_lists_the_valid_ones(model_factory, tmp_path):
     with pytest.raises(SinqConfigError, match=r"method='nf4' is not supported; choose one of \['sinq', 'asinq', "
-                                              r"'sinq_nf4', 'sinq_nf3', 'sinq_fit', 'rtn'\]"):
+                                              r"'sinq_nf4', 'sinq_nf3', 'sinq_fit', 'sinq_gptq', 'rtn'\]"):
         quantize_model(model_factory("llama"), tmp_path / "out", method="nf4")
     assert not (tmp_path / "out").exists()
 
@@ -185,7 +185,7 @@ def test_bad_calibration_data(model_factory, tmp_path):
     _calib_error(src, tmp_path, r"x.jsonl': line 1 is neither a JSON string nor an object with a \"text\"",
                  calib_data=str(no_text))
     _calib_error(src, tmp_path, r"--calib-samples=0 must be a positive integer", calib_samples=0)
-    _calib_error(src, tmp_path, r"calibrate A-SINQ \(--method asinq\), not method 'sinq'", method="sinq",
+    _calib_error(src, tmp_path, r"calibrate the methods \['asinq', 'sinq_gptq'\], not method 'sinq'", method="sinq",
                  calib_data=str(empty))
     short = tmp_path / "short.txt"
     short.write_text("A few words.")
@@ -214,8 +214,8 @@ def test_asinq_with_calibration_file(model_factory, tmp_path):
         s = quantize_model(src, out, method="asinq", calib_data=str(data), calib_samples=3, calib_seqlen=32,
                            lm_head=True, progress=False)
         assert s.calibration == f"{data.name}: 3 samples x 32 tokens"
-        assert "lm_head" in s.quantized and "lm_head" not in s.awq_searched
-        assert len(s.awq_searched) == len(s.quantized) - 1 == 2 * 7
+        assert "lm_head" in s.quantized and "lm_head" not in s.calibrated_layers
+        assert len(s.calibrated_layers) == len(s.quantized) - 1 == 2 * 7
         side = json.loads((out / SIDECAR).read_text())
         assert side["model.layers.0.self_attn.q_proj"]["meta"]["method"] == "sinq_awq_l1_quantAux"
 

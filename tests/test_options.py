@@ -93,7 +93,7 @@ def test_unsupported_activation_dtype_lists_valid_dtypes(ckpt, dtype):
 @pytest.mark.parametrize("flags, expected", [
     (["--nbits", "7"], "nbits=7 is not supported; choose one of [2, 3, 4, 5, 6, 8]"),
     (["--group-size", "50"], "group_size=50 must be a multiple of 8 and at least 16"),
-    (["--method", "foo"], "method='foo' is not supported; choose one of ['sinq', 'asinq', 'sinq_nf4', 'sinq_nf3', 'sinq_fit', 'rtn']"),
+    (["--method", "foo"], "method='foo' is not supported; choose one of ['sinq', 'asinq', 'sinq_nf4', 'sinq_nf3', 'sinq_fit', 'sinq_gptq', 'rtn']"),
 ])
 def test_quantize_bad_flags_exit_2_with_one_line(model_factory, tmp_path, flags, expected):
     proc = subprocess.run(

@@ -107,7 +107,7 @@ def test_quantizer_matches_reference_bit_for_bit(name, reference):
         assert q.kurtosis_gated  # the case really exercises the gate
         assert torch.all(q.tensors["meta.scale2"] == 1)
     assert not (q.kurtosis_gated and case["method"].startswith("sinq_nf"))  # NF methods have no gate
-    assert q.awq == (case["acts"] is not None and not q.kurtosis_gated)
+    assert q.calibrated == (case["acts"] is not None and not q.kurtosis_gated)
 
 
 @pytest.mark.parametrize("name", RTN)

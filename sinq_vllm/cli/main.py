@@ -23,7 +23,7 @@ EXIT_USAGE = 2
 _NBITS_CHOICES = "{2,3,4,5,6,8}"
 # The rows of quantizer/methods.py (not imported here: it pulls in torch); tests/test_asinq.py
 # checks that both list the same methods.
-QUANTIZE_METHODS = ("sinq", "asinq", "sinq_nf4", "sinq_nf3", "sinq_fit", "rtn")
+QUANTIZE_METHODS = ("sinq", "asinq", "sinq_nf4", "sinq_nf3", "sinq_fit", "sinq_gptq", "rtn")
 
 
 def _command(subparsers, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
@@ -53,15 +53,16 @@ def add_quantize_parser(subparsers) -> None:
                    help="sinq: Sinkhorn-normalized (default); asinq: A-SINQ, SINQ plus an activation-aware scale "
                    "from calibration text; sinq_nf4 / sinq_nf3: SINQ with the NF4 (4-bit) / NF3 (3-bit) codebook; "
                    "sinq_fit: SINQ's format with scales, zeros and column scales fitted to the weights (better "
-                   "quality, no calibration); "
+                   "quality, no calibration); sinq_gptq: sinq_fit plus codes chosen by error feedback on "
+                   "calibration text (best quality, calibrated); "
                    "rtn: plain round-to-nearest baseline")
     p.add_argument("--calib-data", default=None, metavar="FILE",
-                   help="asinq: calibration text, UTF-8 plain text or .jsonl (one JSON string or {\"text\": ...} "
+                   help="asinq, sinq_gptq: calibration text, UTF-8 plain text or .jsonl (one JSON string or {\"text\": ...} "
                    "per line). Default: the reference's built-in prompts")
     p.add_argument("--calib-samples", type=int, default=None, metavar="N",
-                   help="asinq: at most N calibration samples (default 128)")
+                   help="asinq, sinq_gptq: at most N calibration samples (default 128)")
     p.add_argument("--calib-seqlen", type=int, default=None, metavar="L",
-                   help="asinq: tokens per calibration sample (default 128)")
+                   help="asinq, sinq_gptq: tokens per calibration sample (default 128)")
     p.add_argument("--no-aux", dest="aux", action="store_false",
                    help="store scales and zeros in fp16 instead of the default 8-bit quantAux")
     p.add_argument("--no-experts", dest="experts", action="store_false",
@@ -132,8 +133,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     if s.experts_kept:
         print(f"{len(s.experts_kept)} MoE experts module(s) kept in full precision")
     if s.calibration:
-        print(f"A-SINQ calibration on {s.calibration}; activation scale searched for {len(s.awq_searched)} of "
-              f"{len(s.quantized)} layers (the others: kurtosis-gated or outside the decoder blocks)")
+        print(f"{s.method} calibration on {s.calibration}; {len(s.calibrated_layers)} of {len(s.quantized)} layers "
+              "quantized with their calibration inputs (the others: kurtosis-gated or outside the decoder blocks)")
     if s.kurtosis_gated:
         print(f"{len(s.kurtosis_gated)} layer(s) had kurtosis > 5 and were quantized without Sinkhorn (the reference's gate)")
     return 0

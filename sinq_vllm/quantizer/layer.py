@@ -28,6 +28,7 @@ from .methods import METHODS, QuantMethod, get_method
 from .rtn import heavy_tailed, quantize_nf, quantize_rtn
 from .sinkhorn import sinkhorn_log
 from .sinq_fit import fit_tile_quantize
+from .sinq_gptq import gptq_tile_quantize, input_hessian
 
 logger = get_logger(__name__)
 
@@ -42,7 +43,9 @@ class QuantizedWeight:
     tensors: dict[str, torch.Tensor]
     meta: LayerMeta
     kurtosis_gated: bool  # a Sinkhorn layer that the reference gate sent to its RTN branch
-    awq: bool = False  # an A-SINQ layer whose activation scale was searched (False: no activations)
+    # the layer's calibration inputs shaped it: A-SINQ's activation scale was searched, or
+    # sinq_gptq's error feedback ran (False: no activations, or a kurtosis-gated A-SINQ layer)
+    calibrated: bool = False
 
 
 def stored_method(method: str, aux: bool) -> str:
@@ -249,10 +252,11 @@ def quantize_weight_detailed(
     compute_dtype: torch.dtype | str | None = None,
     activations: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """:func:`quantize_weight` plus whether the kurtosis gate fired and whether an A-SINQ
-    scale was searched. ``activations`` (``[S, L, K]``, method "asinq" only): the layer's
-    inputs on the calibration set; without them an A-SINQ layer is quantized like SINQ,
-    as the reference does for layers it collected nothing for."""
+    """:func:`quantize_weight` plus whether the kurtosis gate fired and whether the layer's
+    calibration inputs were used. ``activations`` (``[S, L, K]``, calibrated methods only):
+    the layer's inputs on the calibration set; without them an A-SINQ layer is quantized like
+    SINQ, as the reference does for layers it collected nothing for, and a sinq_gptq layer
+    like sinq_fit."""
     validate_options(nbits, group_size, method)
     qm = get_method(method)
     if W.dim() != 2 or not W.is_floating_point():
@@ -273,15 +277,19 @@ def quantize_weight_detailed(
     if gated:
         logger.info("layer '%s': kurtosis > 5, quantized without Sinkhorn (the reference's gate)", name)
     if activations is not None and (not qm.calibrated or activations.shape[-1] != k):
+        calibrated = [m.name for m in METHODS.values() if m.calibrated]
         raise SinqConfigError(f"layer '{name}': activations {tuple(activations.shape)} given to method {method!r} "
-                              f"(only 'asinq' uses them, with in_features={k} last)")
+                              f"(only {calibrated} use them, with in_features={k} last)")
     # Gated layers take the reference's RTN branch, Sinkhorn round trip included, so that
     # they match it bit for bit; --method rtn stays plain RTN (our baseline, no Sinkhorn).
-    if qm.fitted:
+    if qm.error_feedback and activations is not None:
+        codes, scale, zero, col = gptq_tile_quantize(w16, group, nbits, aux, input_hessian(activations))
+        used = True
+    elif qm.fitted:
         codes, scale, zero, col = fit_tile_quantize(w16, group, nbits, aux)
-        searched = False
+        used = False
     else:
-        codes, scale, zero, col, searched = _tile_quantize(w16, group, nbits, qm, gated, activations)
+        codes, scale, zero, col, used = _tile_quantize(w16, group, nbits, qm, gated, activations)
     # An inf/NaN weight (e.g. beyond the fp16 range) reaches every scale and zero of its
     # group row, so checking these R values covers the N*K weights.
     _require_finite(name, "a group scale", scale)
@@ -294,7 +302,7 @@ def quantize_weight_detailed(
     else:
         tensors.update({"meta.scale": scale, "meta.zero": zero})
 
-    return QuantizedWeight(tensors, meta, gated, searched)
+    return QuantizedWeight(tensors, meta, gated, used)
 
 
 def quantize_weight(

@@ -30,6 +30,8 @@ class QuantMethod:
     # t, s, z and the codes fitted to the weights (quantizer/sinq_fit.py, docs/design.md §7)
     # instead of SINQ's balancing + min-max; stored exactly as SINQ stores them
     fitted: bool = False
+    # codes chosen by error feedback on the calibration inputs (quantizer/sinq_gptq.py, docs/design.md §7)
+    error_feedback: bool = False
     writes_as: str | None = None  # the method another reader sees (config.json "method"); default: name
 
     @property
@@ -59,6 +61,9 @@ _ROWS = (
     QuantMethod("sinq_fit", "sinq", "SINQ's format with scales, zeros and column scales fitted to the weights "
                 "(better quality, no calibration; readers see a SINQ checkpoint)", kurtosis_gate=False, fitted=True,
                 writes_as="sinq"),
+    QuantMethod("sinq_gptq", "sinq", "sinq_fit plus codes chosen by error feedback on calibration text (GPTQ-style; "
+                "best quality; readers see a SINQ checkpoint)", kurtosis_gate=False, fitted=True, calibrated=True,
+                error_feedback=True, writes_as="sinq"),
     # RTN layers carry no "sinq" substring, so readers know t == 1.
     QuantMethod("rtn", "rtn", "plain round-to-nearest baseline (no Sinkhorn)", sinkhorn=False, kurtosis_gate=False),
 )

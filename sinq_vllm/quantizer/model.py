@@ -40,7 +40,7 @@ from .activations import BlockActivations, decoder_core
 from .calibration import calibration_set
 from .calibration import check_options as check_calibration_options
 from .layer import effective_group_size, quantize_weight_detailed, quantized_layout, stored_method, validate_options
-from .methods import get_method
+from .methods import METHODS, get_method
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
     Shard,
@@ -74,7 +74,7 @@ class QuantizeSummary:
     not_converted: list[str] = field(default_factory=list)  # Linear modules kept in full precision
     kurtosis_gated: list[str] = field(default_factory=list)  # layers the reference's gate sent to its RTN branch
     calibration: str = ""  # A-SINQ: the calibration set, e.g. "built-in prompts ...: 13 samples x 128 tokens"
-    awq_searched: list[str] = field(default_factory=list)  # A-SINQ layers whose activation scale was searched
+    calibrated_layers: list[str] = field(default_factory=list)  # layers quantized with their calibration inputs
     experts_kept: list[str] = field(default_factory=list)  # MoE expert containers left in full precision
     copied: int = 0  # tensors copied unchanged
     dropped: list[str] = field(default_factory=list)  # tensor keys left out (tied lm_head, buffers)
@@ -429,8 +429,9 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         p.unlink()
 
 
-def _calibration(src: Path, handles, weight_map, items, skel: _Skeleton, options, summary) -> BlockActivations:
-    """A-SINQ: the calibration samples and the block-by-block activation collector, with the
+def _calibration(src: Path, handles, weight_map, items, skel: _Skeleton, options, summary,
+                 method: str) -> BlockActivations:
+    """Calibrated methods: the calibration samples and the block-by-block activation collector, with the
     first block already run, so that every problem shows before the output is touched."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -439,7 +440,7 @@ def _calibration(src: Path, handles, weight_map, items, skel: _Skeleton, options
         # Fused experts are not nn.Linear: no hook sees their inputs (the reference does not
         # quantize them at all, docs/format.md §2.9).
         raise SinqConfigError(
-            f"--method asinq: the MoE experts of '{fused[0]}' have no calibration path (fused expert "
+            f"--method {method}: the MoE experts of '{fused[0]}' have no calibration path (fused expert "
             "parameters, not nn.Linear modules); keep them in full precision with --no-experts or --skip, "
             "or use --method sinq"
         )
@@ -451,12 +452,12 @@ def _calibration(src: Path, handles, weight_map, items, skel: _Skeleton, options
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src))
     except (OSError, ValueError, KeyError) as e:
-        raise SinqConfigError(f"--method asinq needs the model's tokenizer in {str(src)!r}: {e}") from None
+        raise SinqConfigError(f"--method {method} needs the model's tokenizer in {str(src)!r}: {e}") from None
     calib = calibration_set(tokenizer, *options)
     summary.calibration = calib.describe()
     collector = BlockActivations(model, lambda key: handles[weight_map[key]].get_tensor(key), set(weight_map),
                                  calib.samples)
-    logger.info("A-SINQ calibration: %s, %d decoder blocks at %s", calib.describe(), len(collector.blocks),
+    logger.info("%s calibration: %s, %d decoder blocks at %s", method, calib.describe(), len(collector.blocks),
                 collector.prefix)
     collector.start()
     return collector
@@ -505,8 +506,8 @@ def _write_shard(out: Path, shard: Shard, handles, opts, summary, metas, bar, ac
                 q = quantize_weight_detailed(tensor, nbits, group_size, method, aux and item.aux_ok, name=item.module,
                                              activations=acts)
                 summary.quantize_seconds += time.perf_counter() - t0
-                if q.awq:
-                    summary.awq_searched.append(item.module)
+                if q.calibrated:
+                    summary.calibrated_layers.append(item.module)
                 for k, v in q.tensors.items():
                     writer.write(f"{item.module}.{k}", v)
                 metas.append(q.meta)
@@ -560,7 +561,8 @@ def quantize_model(
     validate_options(nbits, group_size, method)
     calibration_options = (calib_data, calib_samples, calib_seqlen)
     if not qm.calibrated and any(v is not None for v in calibration_options):
-        raise SinqConfigError(f"--calib-data/--calib-samples/--calib-seqlen calibrate A-SINQ (--method asinq), "
+        calibrated = [m.name for m in METHODS.values() if m.calibrated]
+        raise SinqConfigError(f"--calib-data/--calib-samples/--calib-seqlen calibrate the methods {calibrated}, "
                               f"not method {method!r}")
     if qm.calibrated:
         check_calibration_options(*calibration_options)
@@ -582,7 +584,7 @@ def quantize_model(
         summary.source_size = sum(PlannedTensor(it.key, it.dtype, it.shape).nbytes for it in items)
         activations = None
         if qm.calibrated:
-            activations = _calibration(src, handles, weight_map, items, skel, calibration_options, summary)
+            activations = _calibration(src, handles, weight_map, items, skel, calibration_options, summary, method)
         _prepare_out_dir(out, overwrite)
 
         metas: list[LayerMeta] = []
