@@ -101,7 +101,8 @@ def parse_args(argv=None):
     ap.add_argument("--methods-corpora", default=",".join(METHODS_CORPORA),
                     help=f"with --methods: which corpora (default {','.join(METHODS_CORPORA)})")
     ap.add_argument("--fit-methods", default=",".join(FIT_METHODS),
-                    help=f"with --methods: which quantizers (default {','.join(FIT_METHODS)}); scores are cached "
+                    help=f"with --methods: which quantizers (default {','.join(FIT_METHODS)}; a calibrated one as "
+                    "METHOD@SxL calibrates on S samples of L tokens); scores are cached "
                     "per checkpoint, so runs of disjoint subsets fill the same table")
     ap.add_argument("--family", action="store_true",
                     help="only the A-SINQ / NF4 parity table (float32 protocol, calibration on c4's first half)")
@@ -657,20 +658,23 @@ def run_methods(name: str, src: Path, args) -> dict:
     rows = []
     for item in args.settings.split(","):
         nbits, g = (int(v) for v in item.split(":"))
-        for method in args.fit_methods.split(","):
+        for item in args.fit_methods.split(","):
+            # "method" or "method@SxL": a calibrated method's samples x tokens (default --calib-samples/-seqlen)
+            method, _, size = item.partition("@")
+            samples, seqlen = (int(v) for v in size.split("x")) if size else (args.calib_samples, args.calib_seqlen)
             calib = get_method(method).calibrated
             spec = C.QuantSpec(method, nbits, g, aux=method != "rtn",
                                calib=C.rel(C.corpus_half_file(CALIB_CORPUS, 0)) if calib else None,
-                               calib_samples=args.calib_samples if calib else None,
-                               calib_seqlen=args.calib_seqlen if calib else None)
+                               calib_samples=samples if calib else None, calib_seqlen=seqlen if calib else None)
+            label = spec.label + (f", c4 {samples}x{seqlen}" if calib else "")
             if args.table_only and not (C.artifacts_dir("bench") / f"{name}-{spec.tag}" / C.QUANT_MARKER).is_file():
-                rows.append({"setting": spec.label, "method": method, "nbits": nbits, "group_size": g, "ppl": {}})
+                rows.append({"setting": label, "method": method, "nbits": nbits, "group_size": g, "ppl": {}})
                 continue
             d, info = C.quantized_checkpoint(src, spec, name=name)
-            C.log(f"    {spec.label} ...")
+            C.log(f"    {label} ...")
             p = score_cached(lambda: dq.dequantized_model(d, dtype=torch.float32), wins, bos, d, "methods-ppl",
                              str(d), info["settings"], info.get("quantize_seconds"), compute=not args.table_only)
-            rows.append({"setting": spec.label, "method": method, "nbits": nbits, "group_size": g, "ppl": p,
+            rows.append({"setting": label, "method": method, "nbits": nbits, "group_size": g, "ppl": p,
                          "quantize_seconds": info["quantize_seconds"], "cached": info["cached"],
                          "gated": info["kurtosis_gated"], "layers": info["layers"]})
     # unquantized last: a concurrent run of another --fit-methods subset may have cached it by then

@@ -30,8 +30,9 @@ import torch
 from .groupfit import DEFAULT_DELTAS, fit_groups
 from .sinq_fit import DEFAULT_T_STEPS, fit_tile_quantize, stored_scales_zeros
 
-#: Damping added to the Hessian's diagonal, as a share of its mean (GPTQ's ``percdamp``).
-DEFAULT_DAMP = 0.01
+#: Damping added to the Hessian's diagonal, as a share of its mean (GPTQ's ``percdamp``, whose usual
+#: 0.01 gave 5-6% more held-out output error here: benchmarks/results/quality_ablation.md §4).
+DEFAULT_DAMP = 0.1
 
 
 def input_hessian(activations: torch.Tensor) -> torch.Tensor:
@@ -63,100 +64,50 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _error_feedback(w: torch.Tensor, u: torch.Tensor, group: int, nbits: int, weights: torch.Tensor,
-                    fixed: tuple[torch.Tensor, torch.Tensor] | None, deltas, lloyd_steps: int,
-                    order: torch.Tensor | None = None):
+                    fixed: tuple[torch.Tensor, torch.Tensor] | None, deltas, lloyd_steps: int):
     """GPTQ over ``w [N, K]`` (float32, modified) with groups of ``group`` columns.
 
     ``fixed``: per-group ``(s, z)`` ``[T, N]`` to use as they are; else each group's pair is
-    fitted when its first column is reached (natural column order only). ``order``: the
-    order in which columns are quantized (``u`` is then the factor of the permuted Hessian).
-    Returns codes ``[N, K]`` (float32, natural order) and ``(s, z)`` ``[T, N]``.
+    fitted when its first column is reached. Returns codes ``[N, K]`` (float32) and
+    ``(s, z)`` ``[T, N]``.
     """
     n, k = w.shape
     tiles = k // group
     nmax = 2**nbits - 1
-    if fixed is None:
-        scales, zeros = torch.empty(tiles, n), torch.empty(tiles, n)
-        col_s = col_z = None
-    else:
-        scales, zeros = fixed
-        col_s = scales.T.repeat_interleave(group, dim=1)  # [N, K]: each column's group pair
-        col_z = zeros.T.repeat_interleave(group, dim=1)
-        if order is not None:
-            w, col_s, col_z = w[:, order], col_s[:, order], col_z[:, order]
+    scales, zeros = (torch.empty(tiles, n), torch.empty(tiles, n)) if fixed is None else fixed
     codes = torch.empty_like(w)
-    for lo in range(0, k, group):
-        hi = lo + group
+    for j in range(tiles):
+        lo, hi = j * group, (j + 1) * group
         block = w[:, lo:hi]  # a view: the columns as earlier updates left them
-        if col_s is None:
+        if fixed is None:
             s, z = fit_groups(block[None], nbits, deltas, lloyd_steps, weights[None, lo:hi])
-            scales[lo // group], zeros[lo // group] = s[0, :, 0], z[0, :, 0]
-            bs, bz = s[0], z[0]  # [N, 1]
-        else:
-            bs, bz = col_s[:, lo:hi], col_z[:, lo:hi]
+            scales[j], zeros[j] = s[0, :, 0], z[0, :, 0]
+        si, zi = scales[j], zeros[j]
         ub = u[lo:hi, lo:hi]
         err = torch.empty(n, group)
         for i in range(group):
             col = block[:, i]
-            si, zi = (bs[:, 0], bz[:, 0]) if col_s is None else (bs[:, i], bz[:, i])
             q = torch.div(col, si).add_(zi).round_().clamp_(0, nmax)
             codes[:, lo + i] = q
             e = (col - (q - zi) * si) / ub[i, i]
             err[:, i] = e
             block[:, i + 1:] -= e[:, None] * ub[i, i + 1:][None, :]
         w[:, hi:] -= err @ u[lo:hi, hi:]
-    if order is not None:
-        codes = codes[:, torch.argsort(order)]
     return codes, (scales, zeros)
-
-
-def refit_scales_zeros(w: torch.Tensor, codes: torch.Tensor, h: torch.Tensor, group: int,
-                       scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every group's ``(s, z)`` re-solved for fixed codes against the output error.
-
-    Per row ``n`` the reconstruction ``sum_g a_g q_g + b_g 1_g`` (``a = s``, ``b = -s z``) is
-    linear in its ``2T`` unknowns, so minimizing ``(w - w_hat) H (w - w_hat)^T`` is one
-    ``2T x 2T`` linear system per row, built from the ``g x g`` blocks of ``H``. Rows whose
-    solution is unusable (a non-positive or non-finite scale) keep their pairs.
-    """
-    n, k = w.shape
-    t = k // group
-    hb = h.to(torch.float64).view(t, group, t, group)
-    q = codes.to(torch.float64).view(n, t, group)
-    x = w.to(torch.float64).view(n, t, group)
-    qhq = torch.einsum("ngi,gihj,nhj->ngh", q, hb, q)
-    h1 = hb.sum(3)  # [t, g, t]: H 1_h
-    qh1 = torch.einsum("ngi,gih->ngh", q, h1)
-    one_h_one = h1.sum(1)  # [t, t]
-    m = torch.empty(n, 2 * t, 2 * t, dtype=torch.float64)
-    m[:, 0::2, 0::2] = qhq
-    m[:, 0::2, 1::2] = qh1
-    m[:, 1::2, 0::2] = qh1.transpose(1, 2)
-    m[:, 1::2, 1::2] = one_h_one
-    hx = torch.einsum("gihj,nhj->ngi", hb, x)
-    v = torch.empty(n, 2 * t, dtype=torch.float64)
-    v[:, 0::2] = (q * hx).sum(-1)
-    v[:, 1::2] = hx.sum(-1)
-    ridge = 1e-9 * torch.diagonal(m, dim1=1, dim2=2).abs().mean(-1).clamp_min(1e-30)
-    m = m + ridge[:, None, None] * torch.eye(2 * t, dtype=torch.float64)
-    sol, info = torch.linalg.solve_ex(m, v)
-    a, b = sol[:, 0::2].T.float(), sol[:, 1::2].T.float()  # [T, N]
-    ok = (info == 0)[None, :] & (a > 0) & torch.isfinite(a) & torch.isfinite(b)
-    return torch.where(ok, a, scales), torch.where(ok, -b / a.where(ok, 1.0), zeros)
 
 
 def gptq_tile_quantize(w16: torch.Tensor, group: int, nbits: int, aux: bool, hessian: torch.Tensor,
                        damp: float = DEFAULT_DAMP, deltas=DEFAULT_DELTAS, lloyd_steps: int = 1,
-                       column_scale: str = "fit", act_order: bool = False, refit: bool = False,
-                       act_alpha: float = 0.0):
+                       column_scale: str = "fit"):
     """fp16 weight ``[N, K]`` and its input Hessian ``[K, K]`` -> codes ``[R, g]`` (uint8), scale
     and zero ``[R, 1]`` (fp16), column scale ``[1, K]`` (fp16), in the layout of layer.py's
     SINQ tiling (group row ``r = n * T + j``).
 
-    ``column_scale``: "fit" (sinq_fit's ``t``), "sinkhorn" (its first step only) or "one".
-    ``act_order``: the second pass quantizes columns in order of decreasing ``diag(H')``.
-    ``refit``: between the passes, re-solve the pairs against the output error.
+    ``column_scale``: "fit" (sinq_fit's ``t``), "sinkhorn" (its first step only) or "one"
+    (benchmarks/results/quality_ablation.md §4 compares them).
     """
+    if column_scale not in ("fit", "sinkhorn", "one"):
+        raise ValueError(f"column_scale={column_scale!r}: choose 'fit', 'sinkhorn' or 'one'")
     n, k = w16.shape
     tiles = k // group
     if column_scale == "one":
@@ -164,28 +115,18 @@ def gptq_tile_quantize(w16: torch.Tensor, group: int, nbits: int, aux: bool, hes
     else:
         t_steps = 0 if column_scale == "sinkhorn" else DEFAULT_T_STEPS
         t = fit_tile_quantize(w16, group, nbits, aux, t_steps=t_steps)[3].view(k)
-    if act_alpha:
-        rms = torch.diagonal(hessian).float().clamp_min(1e-12).sqrt()
-        a = rms.pow(act_alpha)
-        t = (t.float() / (a / a.log().mean().exp())).to(torch.float16)
     tf = t.float()
     wn = w16.float() / tf
     hn = hessian.to(torch.float64) * tf.double()[:, None] * tf.double()[None, :]
     u = _inverse_hessian_factor(hn, damp)
     weights = torch.diagonal(hn).float().clamp_min(0)
     # pass 1: fit each group to the updated columns
-    codes, (s, z) = _error_feedback(wn.clone(), u, group, nbits, weights, None, deltas, lloyd_steps)
-    if refit:
-        s, z = refit_scales_zeros(wn, codes, hn, group, s, z)
+    _, (s, z) = _error_feedback(wn.clone(), u, group, nbits, weights, None, deltas, lloyd_steps)
     scale_rows = s.to(torch.float16).T.reshape(-1, 1)
     zero_rows = z.to(torch.float16).T.reshape(-1, 1)
     s_read, z_read = stored_scales_zeros(scale_rows, zero_rows, aux)
     fixed = (s_read.float().view(n, tiles).T.contiguous(), z_read.float().view(n, tiles).T.contiguous())
     # pass 2: the codes for the values a reader gets back
-    order = None
-    if act_order:
-        order = torch.argsort(torch.diagonal(hn), descending=True)
-        u = _inverse_hessian_factor(hn[order][:, order], damp)
-    codes, _ = _error_feedback(wn.clone(), u, group, nbits, weights, fixed, deltas, lloyd_steps, order)
+    codes, _ = _error_feedback(wn.clone(), u, group, nbits, weights, fixed, deltas, lloyd_steps)
     codes = codes.to(torch.uint8).view(n, tiles, group).reshape(n * tiles, group)
     return codes, scale_rows, zero_rows, t.view(1, k)
