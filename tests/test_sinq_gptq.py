@@ -5,7 +5,8 @@ Checked here: the input Hessian; on a layer with anisotropic inputs the stored c
 tensors (read back through quantAux, as a reader gets them) give a clearly lower output error
 on those inputs than sinq_fit's, at 3 and 4 bits, with a group size that falls back to a half
 (odd in_features); rank-deficient inputs and dead input columns; whole models (a SINQ
-checkpoint, every decoder-block layer calibrated, lm_head not); and the reference
+checkpoint, every decoder-block layer calibrated, lm_head not, inspect's verdict as for SINQ);
+and the reference
 implementation (sinq==0.2.0) dequantizes a sinq_gptq checkpoint to exactly our weights.
 """
 
@@ -128,6 +129,17 @@ def test_model_checkpoint_is_a_calibrated_sinq_checkpoint(gptq_checkpoint):
     assert cfg["quant_method"] == "sinq" and cfg["method"] == "sinq"  # Transformers' SinqConfig accepts it
     side = json.loads((out / SIDECAR).read_text())
     assert {v["meta"]["method"] for v in side.values()} == {"sinq_quantAux"}
+
+
+def test_inspect_serves_it_as_sinq(gptq_checkpoint, capsys):
+    """Nothing new is needed to serve it: inspect's verdict and kinds are SINQ's."""
+    from sinq_vllm.cli.main import main
+
+    out, s = gptq_checkpoint
+    rc = main(["inspect", str(out), "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert rc == 0 and r["servable"] and r["reasons"] == []
+    assert r["kinds"] == {"4-bit g64 sinq_quantAux 1D": len(s.quantized)}
 
 
 def test_cli_quantize_method_sinq_gptq(model_factory, tmp_path, calib_text, capsys):
