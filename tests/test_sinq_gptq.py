@@ -170,3 +170,30 @@ def test_reference_loader_reads_a_sinq_gptq_checkpoint(gptq_checkpoint, tmp_path
         tensors, meta = load_checkpoint_layer(out, mod)
         ours = _dequant(tensors, LayerMeta.from_sidecar(mod, meta, "sidecar"))
         assert torch.equal(by_layer[mod.split("layers.", 1)[-1]], ours), mod
+
+
+def test_shared_inputs_give_one_tensor_and_one_hessian(model_factory):
+    """q/k/v (and gate/up) see the same input: the collector hands them one tensor and the
+    Hessian is computed once for it; other inputs, even with equal values, get their own."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sinq_vllm.quantizer import sinq_gptq
+    from sinq_vllm.quantizer.activations import BlockActivations
+
+    src = model_factory("llama")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src)), attn_implementation="sdpa")
+    with safe_open(src / "model.safetensors", framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    samples = [torch.arange(1, 17).unsqueeze(0), torch.arange(3, 19).unsqueeze(0)]
+    acts = BlockActivations(model, tensors.__getitem__, set(tensors), samples)
+    p = "model.layers.0."
+    q, k, v = (acts.for_module(p + f"self_attn.{n}_proj") for n in "qkv")
+    gate, up = acts.for_module(p + "mlp.gate_proj"), acts.for_module(p + "mlp.up_proj")
+    assert q is k is v and gate is up and q is not gate
+    assert q.shape[:2] == (2, 16)
+    h = sinq_gptq.input_hessian(q)
+    assert sinq_gptq.input_hessian(k) is h
+    copy = q.clone()
+    assert sinq_gptq.input_hessian(copy) is not h and torch.equal(sinq_gptq.input_hessian(copy), h)

@@ -163,5 +163,14 @@ class BlockActivations:
             for h in handles:
                 h.remove()
         self._hidden = outputs
-        self._acts = {k: torch.cat(v) for k, v in acts.items()}
+        # q/k/v (and gate/up) receive the same input tensor: concatenate it once and let them
+        # share it (memory, and sinq_gptq computes one Hessian for all of them)
+        joined: dict[tuple, torch.Tensor] = {}
+        self._acts = {}
+        for k, v in acts.items():
+            # hooks get a new detached view per module, of the same storage (all alive here)
+            key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in v)
+            if key not in joined:
+                joined[key] = torch.cat(v)
+            self._acts[k] = joined[key]
         self._next = index + 1

@@ -25,6 +25,8 @@ Layers without calibration inputs (outside the decoder blocks) get sinq_fit.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .groupfit import DEFAULT_DELTAS, fit_groups
@@ -35,10 +37,20 @@ from .sinq_fit import DEFAULT_T_STEPS, fit_tile_quantize, stored_scales_zeros
 DEFAULT_DAMP = 0.1
 
 
+#: (weak reference to the last inputs, their Hessian): layers that share an input tensor
+#: (q/k/v, gate/up: activations.py hands them the same one) are quantized one after the other
+_last_hessian: list = [None, None]
+
+
 def input_hessian(activations: torch.Tensor) -> torch.Tensor:
     """``X^T X / rows`` (float64 ``[K, K]``) of a layer's inputs ``[..., K]``."""
+    ref, h = _last_hessian
+    if ref is not None and ref() is activations:
+        return h
     x = activations.reshape(-1, activations.shape[-1]).to(torch.float32)
-    return (x.T @ x).to(torch.float64) / max(1, x.shape[0])
+    h = (x.T @ x).to(torch.float64) / max(1, x.shape[0])
+    _last_hessian[:] = [weakref.ref(activations), h]
+    return h
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
