@@ -10,16 +10,19 @@ last bit of every product. Two ways to compute those matmuls:
   layouts, so the same alpha wins every comparison (bit-identical checkpoints, tested per
   layer and on a whole model). On CPUs without native fp16 arithmetic torch runs them as
   one fp32 dot product per output element (``fp16_dot_with_fp32_arith``, 8 accumulators
-  of 8 lanes, then a tree), 4-8x slower than an fp32 GEMM here, and they were ~95% of
+  of 8 lanes, then a tree), 4-8x slower than an fp32 GEMM here, and they were ~90% of
   A-SINQ's time (benchmarks/results/quant_time_asinq.md).
 * ``"fast"`` (default): the same products as one fp32 GEMM (MKL/oneDNN), each output
   rounded to fp16, then the same fp16 error. The inputs are fp16 values, so every product
-  is exact in fp32; only the summation order differs, which changes about 0.2% of the
-  fp16 outputs, by one ulp (more only where the sum cancels, within fp32's rounding bound). That can flip a near-tie between two alphas (a handful of
-  layers per model); the parity for this path is the model's perplexity (within 0.2% of
-  the reference's: benchmarks/results/quality_family_*.md, tests/test_family_quantizer.py).
-  Bit equality with a fast GEMM is impossible here: reproducing torch's summation order
-  means re-running its dot-product kernel, which is what makes the exact path slow.
+  is exact in fp32; only the summation order differs, which changes about 0.2% of the fp16
+  outputs, by one ulp (more only where the sum cancels, within fp32's rounding bound). That
+  can flip a near-tie between two alphas, so this path's parity is the model's perplexity
+  (within 0.2% of the reference's: tests/test_asinq_matmul.py on the search's own error,
+  tests/test_family_quantizer.py and benchmarks/results/quality_family_*.md on models).
+  Bit equality would need torch's exact order (per output, 8 x 8 fp32 lane accumulators
+  over 64-element blocks of K, then a fixed tree; matched by emulation on this CPU), which
+  no BLAS GEMM keeps: a custom kernel in the CPU extension could, at maybe 2x torch's speed
+  (its dot products already run near the fp16->fp32 conversion bound), against 4-8x here.
 
 ``reference_matmul()`` selects the exact path for a block of code (tests, parity runs).
 
