@@ -50,6 +50,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-as-written", dest="as_written", action="store_false",
                     help="--family: skip scoring the reference's NF4 checkpoint as it writes it (with its gate)")
     ap.add_argument("--calib-samples", type=int, default=16, help="--family: A-SINQ calibration samples (default 16)")
+    ap.add_argument("--ref-timeout", type=float, default=7200,
+                    help="--family: seconds one reference row may take; a row over it keeps our side and is "
+                         "marked 'not measured' with the time it ran (default 7200)")
     ap.add_argument("--calib-seqlen", type=int, default=128, help="--family: tokens per sample (default 128)")
     ap.add_argument("--out", default=None, help="result file stem in benchmarks/results/ (default quality; "
                     "quality_methods with --methods, quality_family with --family)")
@@ -277,7 +281,7 @@ def torch_threads() -> int:
 
 
 def reference_sinq(src: Path, name: str, nbits: int, group_size: int, wins, bos, method: str = "sinq",
-                   calib_blocks: Path | None = None, gate: bool = True) -> dict:
+                   calib_blocks: Path | None = None, gate: bool = True, timeout: float = 7200) -> dict:
     """The reference implementation (sinq==0.2.0) quantizes ``src`` with ``method`` (its
     ``BaseQuantizeConfig`` spelling) and scores ``wins`` (a list, or ``{corpus: list}``) with its
     own float32 forward, in a subprocess (tests/reference_checkpoints.py ``model_ppl``).
@@ -304,7 +308,7 @@ def reference_sinq(src: Path, name: str, nbits: int, group_size: int, wins, bos,
         stale.unlink()
     t0 = time.perf_counter()
     ref.run_reference("model_ppl", dict(request, out=str(out), result=str(result)),
-                      threads=torch_threads(), timeout=7200)
+                      threads=torch_threads(), timeout=timeout)
     r = json.loads(result.read_text())
     r["process_seconds"] = time.perf_counter() - t0
     result.write_text(json.dumps(r))
@@ -480,15 +484,22 @@ def run_family(name: str, src: Path, args, on_row=None) -> dict:
         d, info = C.quantized_checkpoint(src, spec, name=name)
         ref_method = "asinq" if calibrated else f"{method}_quantAux"
         C.log(f"    reference sinq=={ref.REFERENCE_VERSION} quantizes {spec.label} ...")
-        # NF: ours has no kurtosis gate (docs/format.md §7), so neither does the reference run
-        r = reference_sinq(src, name, nbits, g, wins, bos, method=ref_method,
-                           calib_blocks=blocks if calibrated else None, gate=calibrated)
-        same, total = identical_tensors(d, Path(r["dir"]))
         row = {"setting": spec.label, "method": method, "nbits": nbits, "group_size": g, "ours": ours(d, info),
-               "theirs": {c: C.ppl_from_nll(sum(r["nll"][c]), sum(r["count"][c])) for c in FAMILY_CORPORA},
-               "identical": [same, total], "ours_quantize_seconds": info["quantize_seconds"],
-               "reference_quantize_seconds": r["quantize_seconds"], "gated": info["kurtosis_gated"],
+               "ours_quantize_seconds": info["quantize_seconds"], "gated": info["kurtosis_gated"],
                "layers": info["layers"], "calibrated_layers": info.get("calibrated_layers")}
+        t0 = time.perf_counter()
+        try:
+            # NF: ours has no kurtosis gate (docs/format.md §7), so neither does the reference run
+            r = reference_sinq(src, name, nbits, g, wins, bos, method=ref_method,
+                               calib_blocks=blocks if calibrated else None, gate=calibrated, timeout=args.ref_timeout)
+        except subprocess.TimeoutExpired:
+            row["reference_not_measured"] = f"stopped after {time.perf_counter() - t0:.0f} s (--ref-timeout)"
+            C.log(f"    reference {spec.label}: not measured, {row['reference_not_measured']}")
+            log_row(row)
+            continue
+        same, total = identical_tensors(d, Path(r["dir"]))
+        row.update(theirs={c: C.ppl_from_nll(sum(r["nll"][c]), sum(r["count"][c])) for c in FAMILY_CORPORA},
+                   identical=[same, total], reference_quantize_seconds=r["quantize_seconds"])
         log_row(row)
         if not calibrated and args.as_written:  # the reference as it is: its gated layers get uniform codes under the NF label
             raw = reference_sinq(src, name, nbits, g, wins, bos, method=ref_method)
@@ -519,6 +530,10 @@ def family_markdown(results: list[dict], args, elapsed: float, machine: str) -> 
         "`save_quantized_safetensors` and scored by its own loader and `SINQLinear` forward; 'ours': `sinq-vllm "
         "quantize` (quantAux) on its dequantized weights. A-SINQ on Gemma-3 runs the reference with a shim that "
         "gives each decoder block its own attention type's rotary table (its call omits `layer_type` and fails).",
+        "- **parity per row**: NF4/NF3 must be bit-identical. Our A-SINQ runs its default scale search (each "
+        "alpha's error from fp32 GEMMs rounded to fp16; the reference uses fp16 matmuls, whose summation order only "
+        "differs: sinq_vllm/quantizer/awq.py), which can pick another alpha where two are near-tied, so an A-SINQ "
+        "row is bit-identical or within 0.2% in perplexity ('ours vs theirs').",
         "- SINQ-NF4 'theirs' runs without the reference's kurtosis gate, as ours does (docs/format.md §7); 'as "
         "written' is the reference unchanged, whose gated layers hold uniform codes under the NF4 label. Its NF "
         "dequantization runs in float32 on the stored values and its fp16 codebook (its own NF branch computes in "
@@ -542,8 +557,8 @@ def family_markdown(results: list[dict], args, elapsed: float, machine: str) -> 
             line = [r["setting"]]
             for c in FAMILY_CORPORA:
                 theirs = (r.get("theirs") or {}).get(c)
-                line += [f"{theirs:.3f}" if theirs else "", f"{r['ours'][c]:.3f}",
-                         f"{(r['ours'][c] / theirs - 1) * 100:+.2f}%" if theirs else ""]
+                line += [f"{theirs:.3f}" if theirs else ("not measured" if r.get("reference_not_measured") else ""),
+                         f"{r['ours'][c]:.3f}", f"{(r['ours'][c] / theirs - 1) * 100:+.2f}%" if theirs else ""]
             same = f"{r['identical'][0]}/{r['identical'][1]}" if r.get("identical") else ""
             gated = f"{r['gated']}/{r['layers']}" if r.get("layers") else ""
             secs = f"{r['ours_quantize_seconds']:.1f}" if r.get("ours_quantize_seconds") else ""
@@ -551,6 +566,10 @@ def family_markdown(results: list[dict], args, elapsed: float, machine: str) -> 
                 secs += f" / {r['reference_quantize_seconds']:.1f}"
             table.append(line + [same, gated, secs])
         out += [C.md_table(hdr, table), ""]
+        out += [f"Reference side of {r['setting']} not measured: {r['reference_not_measured']}." for r in res["rows"]
+                if r.get("reference_not_measured")]
+        if out[-1] != "":
+            out.append("")
         raw = [r for r in res["rows"] if r.get("theirs_as_written")]
         if raw:
             out += ["The reference's NF4 checkpoint as it writes it (gated layers: uniform codes read as NF4):", ""]
@@ -1027,7 +1046,7 @@ def main(argv=None) -> int:
 def save(results, args, elapsed, machine, raw: Path, partial: bool = False) -> None:
     C.RESULTS.mkdir(parents=True, exist_ok=True)
     keep = ("tokens", "window", "hf_tokens", "keep_doc_tags", "full", "out", "reference", "ref_tokens", "family",
-            "family_rows", "calib_samples", "calib_seqlen")
+            "family_rows", "calib_samples", "calib_seqlen", "ref_timeout")
     raw.write_text(json.dumps(C.relativize({"args": {k: getattr(args, k) for k in keep}, "argv": sys.argv[1:],
                                             "elapsed": elapsed, "machine": machine, "results": results,
                                             "partial": partial}), indent=1))

@@ -52,7 +52,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-aux", action="store_true", help="fp16 scales/zeros instead of quantAux")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the child (default: torch's)")
     ap.add_argument("--src", default=None, help="HF folder to quantize (default: SmolLM2-135M-Instruct bf16)")
-    ap.add_argument("--methods", default="rtn,sinq", help="comma-separated, of rtn, sinq, sinq_fit (default rtn,sinq)")
+    ap.add_argument("--methods", default="rtn,sinq",
+                    help="comma-separated, of rtn, sinq, sinq_fit, asinq, asinq_exact (A-SINQ with the reference's "
+                         "fp16 matmuls: sinq_vllm/quantizer/awq.py) (default rtn,sinq)")
     ap.add_argument("--out", default="quant_time", help="result file stem in benchmarks/results/")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="skip the run of the reference implementation (sinq==0.2.0) on the same model")
@@ -62,7 +64,8 @@ def parse_args(argv=None):
                     help="A-SINQ: only the first N 128-token blocks of the built-in prompts, on both sides "
                          "(default: all of them, as both implementations do)")
     # internal: one measured run
-    ap.add_argument("--child", choices=("rtn", "sinq", "asinq", "sinq_fit", "baseline"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("rtn", "sinq", "asinq", "asinq_exact", "sinq_fit", "baseline"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -83,9 +86,15 @@ def child(args) -> int:
 
     res = {"threads": torch.get_num_threads(), "import_s": time.perf_counter() - t0}
     if args.child != "baseline":
-        s = quantize_model(args.src, args.child_out, nbits=args.nbits, group_size=args.group_size,
-                           method=args.child, aux=not args.no_aux, overwrite=True, progress=False,
-                           **({"calib_samples": args.calib_samples} if args.child == "asinq" else {}))
+        import contextlib
+
+        from sinq_vllm.quantizer.awq import reference_matmul
+
+        method = args.child.removesuffix("_exact")
+        with reference_matmul() if args.child == "asinq_exact" else contextlib.nullcontext():
+            s = quantize_model(args.src, args.child_out, nbits=args.nbits, group_size=args.group_size,
+                               method=method, aux=not args.no_aux, overwrite=True, progress=False,
+                               **({"calib_samples": args.calib_samples} if method == "asinq" else {}))
         res.update(quantize_seconds=s.quantize_seconds, seconds=s.seconds, layers=len(s.quantized),
                    kurtosis_gated=len(s.kurtosis_gated), total_size=s.total_size,
                    calibrated_layers=len(s.calibrated_layers), calibration=s.calibration)
@@ -169,7 +178,8 @@ def markdown(runs: list[dict], base: dict | None, args, src: Path, machine: str,
         med[m]["gated"] = rs[0].get("kurtosis_gated")
         med[m]["layers"] = rs[0].get("layers")
     aux = "fp16 scales/zeros" if args.no_aux else "quantAux"
-    names = {"rtn": "RTN", "sinq": "SINQ", "asinq": "A-SINQ"}
+    names = {"rtn": "RTN", "sinq": "SINQ", "asinq": "A-SINQ", "sinq_fit": "SINQ-fit",
+             "asinq_exact": "A-SINQ, exact fp16 matmuls"}
     out = [
         "# Quantization time: " + " vs ".join(names[m] for m in reversed(methods)),
         "",
@@ -181,8 +191,8 @@ def markdown(runs: list[dict], base: dict | None, args, src: Path, machine: str,
         f"- {args.repeats} run(s) per method, each in a fresh process, methods alternating; medians.",
         "",
     ]
-    if "asinq" in med:
-        calib = next(r.get("calibration") for r in runs if r["method"] == "asinq")
+    if "asinq" in med or "asinq_exact" in med:
+        calib = next(r.get("calibration") for r in runs if r["method"].startswith("asinq"))
         out[-1:-1] = [f"- A-SINQ calibration: {calib} (both sides), activations collected on CPU", ""]
     hdr = ["method", "quantize_weight s", "quantize_model s", "process s", "CPU s (user)", "peak RSS"]
     rows = [[names[m], f"{med[m]['quantize_seconds']:.2f}", f"{med[m]['seconds']:.2f}", f"{med[m]['wall']:.2f}",
@@ -201,8 +211,10 @@ def markdown(runs: list[dict], base: dict | None, args, src: Path, machine: str,
                 f"compute dtype bf16, CPU) takes {reference['quantize_seconds']:.1f} s on the same model and machine, "
                 f"{reference['quantize_seconds'] / med[ref_method]['seconds']:.1f}x our whole `quantize_model` call "
                 "(reading, quantizing, packing, writing); its process time also includes saving and reloading "
-                "its checkpoint. Both write bit-identical SINQ tensors (benchmarks/results/quality.md, "
-                "quality_family_*.md).", ""]
+                "its checkpoint. "
+                + ("Both write bit-identical SINQ tensors (benchmarks/results/quality.md)." if ref_method == "sinq"
+                   else "Our exact path writes bit-identical SINQ tensors (tests/test_family_quantizer.py); the "
+                        "default's parity is in quality_family_*.md."), ""]
     if "asinq" in med and "sinq" in med:
         a, s_ = med["asinq"], med["sinq"]
         out += ["Ratios A-SINQ / SINQ (medians):", "",
@@ -211,10 +223,18 @@ def markdown(runs: list[dict], base: dict | None, args, src: Path, machine: str,
                              f"{a['seconds'] / s_['seconds']:.1f}x", f"{a['wall'] / s_['wall']:.1f}x",
                              f"{a['maxrss'] / s_['maxrss']:.2f}x"]], align="rrrr"), "",
                 "A-SINQ's cost is the scale search: for each of 20 values of alpha the layer is fake-quantized "
-                "and its output on every calibration token computed with an fp16 matmul and an fp16 error "
-                "reduction (the reference's operations, kept for bit-identical results; CPU fp16 matmuls are "
-                "slow), plus the calibration forward (one decoder block at a time; its time is in "
-                "quantize_model, not quantize_weight).", ""]
+                "and its output on every calibration token computed and compared with the unquantized one "
+                "(x @ W^T, an fp16 result and an fp16 error reduction, as in the reference), plus the "
+                "calibration forward (one decoder block at a time; its time is in quantize_model, not "
+                "quantize_weight).", ""]
+    if "asinq" in med and "asinq_exact" in med:
+        a, e = med["asinq"], med["asinq_exact"]
+        out += [f"The exact path (`reference_matmul()`: torch's CPU fp16 matmul, one fp32 dot product per output "
+                f"element, what the reference runs) against the default fp32 GEMM rounded to fp16: "
+                f"quantize_weight {e['quantize_seconds'] / a['quantize_seconds']:.1f}x, quantize_model "
+                f"{e['seconds'] / a['seconds']:.1f}x the default's time. The two differ only in the fp32 summation "
+                "order of the products (sinq_vllm/quantizer/awq.py; parity: tests/test_asinq_matmul.py, "
+                "quality_family_*.md).", ""]
     if "sinq" in med and "rtn" in med:
         s, r = med["sinq"], med["rtn"]
         out += [

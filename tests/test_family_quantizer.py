@@ -6,9 +6,11 @@ tensors (``W_q``, ``meta.*``) and sidecar entries:
 
 * A-SINQ on the reference's built-in calibration prompts: the same token blocks (checked
   against the reference's ``get_simple_calibration_data``), activations collected one
-  decoder block at a time, the same alpha search (docs/format.md §1.5). Measured:
-  bit-identical (fp16 matmuls and reductions are deterministic on one machine; the
-  reference runs single-threaded in its subprocess, ours with torch's default threads);
+  decoder block at a time, the same alpha search (docs/format.md §1.5) with the reference's
+  fp16 matmuls (``reference_matmul()``; the default fast path is compared in
+  test_asinq_matmul.py and below). Measured: bit-identical (fp16 matmuls and reductions are
+  deterministic on one machine; the reference runs single-threaded in its subprocess, ours
+  with torch's default threads);
 * NF4 without quantAux and NF3 with it (K fallback on Llama's down_proj).
 
 The per-layer cases (odd shapes, kurtosis gate, seeded activations) are in
@@ -39,6 +41,7 @@ from reference_checkpoints import (
 )
 from sinq_vllm.errors import SinqConfigError
 from sinq_vllm.quantizer import METHODS, quantize_model
+from sinq_vllm.quantizer.awq import reference_matmul
 
 SIDECAR = "model.safetensors.index.json.meta.json"
 INDEX = "model.safetensors.index.json"
@@ -107,13 +110,44 @@ def test_asinq_model_bit_identical_to_reference(tmp_path):
     prefetch_all()
     ref = repo_checkpoint(*ASINQ_SPEC)
     arch, nbits, group, method = ASINQ_SPEC
-    s = quantize_model(ref.src_dir, tmp_path / "ours", nbits=nbits, group_size=group, method=method, progress=False)
+    with reference_matmul():
+        s = quantize_model(ref.src_dir, tmp_path / "ours", nbits=nbits, group_size=group, method=method,
+                           progress=False)
     assert s.calibration.startswith("built-in prompts") and "13 samples x 128 tokens" in s.calibration
     assert len(s.calibrated_layers) == len(s.quantized) == 14  # every block Linear, none gated (Gaussian weights)
     count = assert_same_checkpoint(tmp_path / "ours", ref.safetensors_dir)
     print(f"A-SINQ {arch}: {count} SINQ tensors bit-identical to the reference")
     cfg = json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]
     assert cfg["method"] == "asinq"
+
+
+@needs_reference
+@needs_tokenizer
+def test_asinq_model_fast_matmul_matches_reference_perplexity(tmp_path):
+    """The default (fast) scale search on the same model: its SINQ tensors equal the
+    reference's, or its perplexity on the calibration prompts is within 0.2% of theirs."""
+    from transformers import AutoTokenizer
+
+    from reference_checkpoints import PROMPTS, smollm2_tokenizer_dir
+    from reference_dequant import dequantized_model
+
+    prefetch_all()
+    ref = repo_checkpoint(*ASINQ_SPEC)
+    arch, nbits, group, method = ASINQ_SPEC
+    quantize_model(ref.src_dir, tmp_path / "ours", nbits=nbits, group_size=group, method=method, progress=False)
+    a, b = sinq_tensors(tmp_path / "ours"), sinq_tensors(ref.safetensors_dir)
+    differ = [k for k in b if not torch.equal(a[k], b[k])]
+    tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
+    ids = torch.tensor([sum((tok.encode(p) for p in PROMPTS), [])[:512]])
+
+    def ppl(d: Path) -> float:
+        with torch.no_grad():
+            return float(torch.exp(dequantized_model(d, dtype=torch.float32)(ids, labels=ids).loss))
+
+    ours, theirs = ppl(tmp_path / "ours"), ppl(ref.safetensors_dir)
+    print(f"A-SINQ {arch}, fast matmul: {len(differ)}/{len(b)} SINQ tensors differ from the reference; "
+          f"ppl ours {ours:.4f}, theirs {theirs:.4f} ({(ours / theirs - 1) * 100:+.3f}%)")
+    assert not differ or abs(ours / theirs - 1) <= 0.002
 
 
 @needs_reference

@@ -72,10 +72,12 @@ def reference():
 
 def ours(case):
     from sinq_vllm.quantizer import quantize_weight_detailed
+    from sinq_vllm.quantizer.awq import reference_matmul
 
     w = make_weight(case)
-    return quantize_weight_detailed(w, case["nbits"], case["group_size"], method=case["method"], aux=case["aux"],
-                                    activations=make_activations(case))
+    with reference_matmul():  # A-SINQ cases: the reference's fp16 matmuls (test_asinq_matmul.py: the fast ones)
+        return quantize_weight_detailed(w, case["nbits"], case["group_size"], method=case["method"],
+                                        aux=case["aux"], activations=make_activations(case))
 
 
 def test_parity_cases_cover_the_brief():
