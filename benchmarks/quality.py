@@ -654,12 +654,6 @@ def score_cached(make_model, wins: dict, bos, folder: Path, stem: str, *identity
     return out
 
 
-def _score_key(wins: dict, bos, *identity) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps([wins, bos, *identity], sort_keys=True).encode()).hexdigest()[:12]
-
-
 def run_methods(name: str, src: Path, args) -> dict:
     """Rows: unquantized, then each of ``--fit-methods`` per setting (quantAux checkpoints;
     RTN without, as the parity section's RTN), each scored on the dequantized weights.
