@@ -724,16 +724,21 @@ def fill_from_parity(name: str, rows: list[dict], wins: dict, args) -> None:
 
 
 def methods_markdown(results: list[dict], args, elapsed: float, machine: str) -> str:
-    out = _header("# Quality: sinq_fit (calibration-free) next to RTN and SINQ, float32 protocol", machine, elapsed)
+    out = _header("# Quality: sinq_fit and sinq_gptq next to RTN, SINQ and A-SINQ, float32 protocol", machine, elapsed)
     out += [
         "- protocol (the parity section of quality.md): float32 Transformers forward on the dequantized weights "
         f"(`tests/reference_dequant.py`), {args.window}-token windows with BOS, every window token scored; the first "
         f"{args.ref_tokens} tokens of `wiki.utf8` (`<doc>` lines removed) and of the **second half** of `c4.utf8` "
-        "(cut at the first line end after its middle character; `c4 2nd half`). No method here sees any text.",
-        "- RTN: plain min-max RTN, fp16 scales/zeros (the parity section's RTN); SINQ and sinq_fit: quantAux. "
+        "(cut at the first line end after its middle character; `c4 2nd half`).",
+        "- **calibration text is disjoint from evaluation text**: the calibrated methods (A-SINQ, sinq_gptq) "
+        "calibrate on the first half of `c4.utf8` only, `S x L` (in the row label) samples x tokens from its start; "
+        "RTN, SINQ and sinq_fit see no text.",
+        "- RTN: plain min-max RTN, fp16 scales/zeros (the parity section's RTN); the others: quantAux. "
         "'gap closed': (RTN - method) / (RTN - unquantized) perplexity, per corpus.",
-        "- n/m: not measured (the machine was too loaded to finish every cell). Quantization time: "
-        "`quality_ablation.md` (section 3). †: measured by the parity section of quality.md / quality_gemma.md "
+        "- n/m: not measured (the machine was too loaded to finish every cell). 'quantize s': seconds in "
+        "`quantize_weight` (calibration forward included) when the checkpoint was made, one torch thread, under "
+        "that run's load (other jobs shared the 2 cores): a rough guide; sinq_fit vs SINQ CPU time: "
+        "`quality_ablation.md` §3. †: measured by the parity section of quality.md / quality_gemma.md "
         "(the same protocol and token windows), not re-measured here.",
         "",
     ]
@@ -754,13 +759,15 @@ def methods_markdown(results: list[dict], args, elapsed: float, machine: str) ->
 
         label = {"wiki": "wiki", "c4-second-half": "c4 2nd half"}
         out += [f"## {res['name']}", ""]
-        tab = [["unquantized"] + [cell(rows[0], c) for c in corpora] + [""] * len(corpora)]
+        tab = [["unquantized"] + [cell(rows[0], c) for c in corpora] + [""] * len(corpora) + [""]]
         for r in rows[1:]:
             rtn = next((x for x in rows if x.get("method") == "rtn" and x["nbits"] == r["nbits"]
                         and x["group_size"] == r["group_size"]), None)
-            tab.append([r["setting"]] + [cell(r, c) for c in corpora] + [gap(r, rtn, c) for c in corpora])
+            secs = r.get("quantize_seconds")
+            tab.append([r["setting"]] + [cell(r, c) for c in corpora] + [gap(r, rtn, c) for c in corpora]
+                       + [f"{secs:.0f}" if secs is not None else ""])
         out += [C.md_table(["setting"] + [f"{label[c]} ppl" for c in corpora]
-                           + [f"{label[c]}: gap closed" for c in corpora], tab), ""]
+                           + [f"{label[c]}: gap closed" for c in corpora] + ["quantize s"], tab), ""]
     return "\n".join(out)
 
 
