@@ -735,9 +735,8 @@ def methods_markdown(results: list[dict], args, elapsed: float, machine: str) ->
         "RTN, SINQ and sinq_fit see no text.",
         "- RTN: plain min-max RTN, fp16 scales/zeros (the parity section's RTN); the others: quantAux. "
         "'gap closed': (RTN - method) / (RTN - unquantized) perplexity, per corpus.",
-        "- n/m: not measured (the machine was too loaded to finish every cell). 'quantize s': seconds in "
-        "`quantize_weight` (calibration forward included) when the checkpoint was made, one torch thread, under "
-        "that run's load (other jobs shared the 2 cores): a rough guide; sinq_fit vs SINQ CPU time: "
+        "- n/m: not measured (the machine was too loaded to finish every cell). Quantization times are in the "
+        "result JSON (`quantize_seconds`), taken under very different loads: sinq_fit vs SINQ CPU time is "
         "`quality_ablation.md` §3. †: measured by the parity section of quality.md / quality_gemma.md "
         "(the same protocol and token windows), not re-measured here.",
         "",
@@ -759,15 +758,13 @@ def methods_markdown(results: list[dict], args, elapsed: float, machine: str) ->
 
         label = {"wiki": "wiki", "c4-second-half": "c4 2nd half"}
         out += [f"## {res['name']}", ""]
-        tab = [["unquantized"] + [cell(rows[0], c) for c in corpora] + [""] * len(corpora) + [""]]
+        tab = [["unquantized"] + [cell(rows[0], c) for c in corpora] + [""] * len(corpora)]
         for r in rows[1:]:
             rtn = next((x for x in rows if x.get("method") == "rtn" and x["nbits"] == r["nbits"]
                         and x["group_size"] == r["group_size"]), None)
-            secs = r.get("quantize_seconds")
-            tab.append([r["setting"]] + [cell(r, c) for c in corpora] + [gap(r, rtn, c) for c in corpora]
-                       + [f"{secs:.0f}" if secs is not None else ""])
+            tab.append([r["setting"]] + [cell(r, c) for c in corpora] + [gap(r, rtn, c) for c in corpora])
         out += [C.md_table(["setting"] + [f"{label[c]} ppl" for c in corpora]
-                           + [f"{label[c]}: gap closed" for c in corpora] + ["quantize s"], tab), ""]
+                           + [f"{label[c]}: gap closed" for c in corpora], tab), ""]
     return "\n".join(out)
 
 
