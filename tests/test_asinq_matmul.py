@@ -53,7 +53,7 @@ def _l1_error(case, wq: torch.Tensor) -> float:
 def test_fast_scale_search_within_0p2_percent_of_exact(case):
     q_exact, w_exact = _quantize(case, "exact")
     q_fast, w_fast = _quantize(case, "fast")
-    assert q_fast.awq == q_exact.awq
+    assert q_fast.calibrated == q_exact.calibrated
     same = all(torch.equal(q_fast.tensors[k], q_exact.tensors[k]) for k in q_exact.tensors)
     e_exact, e_fast = _l1_error(case, w_exact), _l1_error(case, w_fast)
     print(f"{case['name']}: {'same tensors' if same else 'another alpha'}; L1 error exact {e_exact:.6g}, "
