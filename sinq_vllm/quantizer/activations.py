@@ -32,7 +32,7 @@ logger = get_logger(__name__)
 _DTYPE = torch.bfloat16  # the reference runs the calibration forward in bf16
 
 
-def decoder_core(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+def decoder_core(model: torch.nn.Module, method: str = "asinq") -> tuple[torch.nn.Module, str]:
     """``(module holding .layers, its name)`` as the reference's ``_get_transformer_core``
     finds it (``model.layers`` or ``model.language_model.layers``), or a SinqConfigError
     naming the module where it looked."""
@@ -45,7 +45,7 @@ def decoder_core(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     missing = [a for a in ("layers", "embed_tokens") if not hasattr(core, a)]
     if missing:
         raise SinqConfigError(
-            f"--method asinq: {type(model).__name__} has no calibration path: module '{where}' "
+            f"--method {method}: {type(model).__name__} has no calibration path: module '{where}' "
             f"({type(core).__name__}) has no {' / '.join(missing)} (A-SINQ runs the decoder blocks at "
             "model.layers or model.language_model.layers one by one); quantize it with --method sinq"
         )
@@ -61,9 +61,11 @@ class BlockActivations:
     modules in natural order, block after block).
     """
 
-    def __init__(self, model: torch.nn.Module, read_tensor, keys: set[str], samples: list[torch.Tensor]):
+    def __init__(self, model: torch.nn.Module, read_tensor, keys: set[str], samples: list[torch.Tensor],
+                 method: str = "asinq"):
         self.model = model  # meta-device architecture
-        self.core, self.prefix = decoder_core(model)
+        self.method = method  # the calibrated method, for error messages
+        self.core, self.prefix = decoder_core(model, method)
         self.blocks = self.core.layers
         self._read = read_tensor  # key -> tensor from the source checkpoint
         self._keys = keys
@@ -120,7 +122,7 @@ class BlockActivations:
                 full = f"{name}.{key}"
                 if full not in self._keys:
                     raise SinqCheckpointError(
-                        f"--method asinq: tensor '{full}' (needed by the calibration forward) is not in the source checkpoint"
+                        f"--method {self.method}: tensor '{full}' (needed by the calibration forward) is not in the source checkpoint"
                     )
                 state[key] = self._read(full)
             module.load_state_dict(state, strict=True)
@@ -156,7 +158,7 @@ class BlockActivations:
                     outputs.append(out[0] if isinstance(out, tuple) else out)
         except Exception as e:  # noqa: BLE001 - any failure of a foreign forward: name the block
             raise SinqConfigError(
-                f"--method asinq: the calibration forward of '{name}' ({type(block).__name__}) failed: "
+                f"--method {self.method}: the calibration forward of '{name}' ({type(block).__name__}) failed: "
                 f"{type(e).__name__}: {e}"
             ) from e
         finally:

@@ -24,7 +24,7 @@ from ..format.packing import BITS_TO_PACKING, SUPPORTED_BITS, pack_planar
 from ..format.tensor_specs import expected_tensor_specs
 from ..log import get_logger
 from .awq import awq_scale
-from .methods import METHODS, QuantMethod, get_method
+from .methods import METHODS, QuantMethod, calibrated_methods, get_method
 from .rtn import heavy_tailed, quantize_nf, quantize_rtn
 from .sinkhorn import sinkhorn_log
 from .sinq_fit import fit_tile_quantize
@@ -277,9 +277,8 @@ def quantize_weight_detailed(
     if gated:
         logger.info("layer '%s': kurtosis > 5, quantized without Sinkhorn (the reference's gate)", name)
     if activations is not None and (not qm.calibrated or activations.shape[-1] != k):
-        calibrated = [m.name for m in METHODS.values() if m.calibrated]
         raise SinqConfigError(f"layer '{name}': activations {tuple(activations.shape)} given to method {method!r} "
-                              f"(only {calibrated} use them, with in_features={k} last)")
+                              f"(only {calibrated_methods()} use them, with in_features={k} last)")
     # Gated layers take the reference's RTN branch, Sinkhorn round trip included, so that
     # they match it bit for bit; --method rtn stays plain RTN (our baseline, no Sinkhorn).
     if qm.error_feedback and activations is not None:

@@ -71,6 +71,11 @@ _ROWS = (
 METHODS: dict[str, QuantMethod] = {m.name: m for m in _ROWS}
 
 
+def calibrated_methods() -> list[str]:
+    """The methods that take calibration text (``--calib-data``), in --help order."""
+    return [m.name for m in _ROWS if m.calibrated]
+
+
 def get_method(name: str) -> QuantMethod:
     """The row of ``name``; an unknown name is an error listing the valid ones."""
     method = METHODS.get(name) if isinstance(name, str) else None

@@ -40,7 +40,7 @@ from .activations import BlockActivations, decoder_core
 from .calibration import calibration_set
 from .calibration import check_options as check_calibration_options
 from .layer import effective_group_size, quantize_weight_detailed, quantized_layout, stored_method, validate_options
-from .methods import METHODS, get_method
+from .methods import calibrated_methods, get_method
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
     Shard,
@@ -448,7 +448,7 @@ def _calibration(src: Path, handles, weight_map, items, skel: _Skeleton, options
     with torch.device("meta"):
         # SDPA as in the reference's from_pretrained: causal without an attention mask
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    decoder_core(model)  # the architecture has a calibration path (or the error names where it looked)
+    decoder_core(model, method)  # the architecture has a calibration path (or the error names where it looked)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src))
     except (OSError, ValueError, KeyError) as e:
@@ -456,7 +456,7 @@ def _calibration(src: Path, handles, weight_map, items, skel: _Skeleton, options
     calib = calibration_set(tokenizer, *options)
     summary.calibration = calib.describe()
     collector = BlockActivations(model, lambda key: handles[weight_map[key]].get_tensor(key), set(weight_map),
-                                 calib.samples)
+                                 calib.samples, method)
     logger.info("%s calibration: %s, %d decoder blocks at %s", method, calib.describe(), len(collector.blocks),
                 collector.prefix)
     collector.start()
@@ -561,8 +561,8 @@ def quantize_model(
     validate_options(nbits, group_size, method)
     calibration_options = (calib_data, calib_samples, calib_seqlen)
     if not qm.calibrated and any(v is not None for v in calibration_options):
-        calibrated = [m.name for m in METHODS.values() if m.calibrated]
-        raise SinqConfigError(f"--calib-data/--calib-samples/--calib-seqlen calibrate the methods {calibrated}, "
+        raise SinqConfigError(f"--calib-data/--calib-samples/--calib-seqlen calibrate the methods "
+                              f"{calibrated_methods()}, "
                               f"not method {method!r}")
     if qm.calibrated:
         check_calibration_options(*calibration_options)
