@@ -13,7 +13,8 @@ the stored tensors (quantAux). Printed per layer and as the geometric mean over 
 Variants: ``fit`` (sinq_fit, no calibration), ``gptq`` (sinq_gptq's defaults), ``one`` /
 ``sinkhorn`` (its column scale: t = 1 / Sinkhorn's without refinement), ``damp001`` /
 ``damp03`` (Hessian damping 0.01 / 0.3 instead of 0.1), ``calib16`` (calibrated on 16 samples
-only).
+only), ``cd1`` / ``cd3`` / ``cd8`` (then 1 / 3 / 8 passes of coordinate descent on the codes),
+``cd3damp001`` (3 passes, damping 0.01).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ VARIANTS = {
     "damp001": {"damp": 0.01},
     "damp03": {"damp": 0.3},
     "calib16": {},
+    "cd0": {"cd_passes": 0},
+    "cd1": {"cd_passes": 1},
+    "cd3": {"cd_passes": 3},
+    "cd8": {"cd_passes": 8},
+    "cd3damp001": {"cd_passes": 3, "damp": 0.01},
 }
 MODELS = {"smollm2-135m": C.smollm2_bf16, "gemma3-270m": C.gemma3_bf16}
 SUBLAYERS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")

@@ -60,9 +60,9 @@ def add_quantize_parser(subparsers) -> None:
                    help="asinq, sinq_gptq: calibration text, UTF-8 plain text or .jsonl (one JSON string or {\"text\": ...} "
                    "per line). Default: the reference's built-in prompts")
     p.add_argument("--calib-samples", type=int, default=None, metavar="N",
-                   help="asinq, sinq_gptq: at most N calibration samples (default 128)")
+                   help="asinq, sinq_gptq: at most N calibration samples (default 128; sinq_gptq with --calib-data: 32)")
     p.add_argument("--calib-seqlen", type=int, default=None, metavar="L",
-                   help="asinq, sinq_gptq: tokens per calibration sample (default 128)")
+                   help="asinq, sinq_gptq: tokens per calibration sample (default 128; sinq_gptq with --calib-data: 512)")
     p.add_argument("--no-aux", dest="aux", action="store_false",
                    help="store scales and zeros in fp16 instead of the default 8-bit quantAux")
     p.add_argument("--no-experts", dest="experts", action="store_false",

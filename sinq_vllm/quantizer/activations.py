@@ -62,9 +62,16 @@ class BlockActivations:
     """
 
     def __init__(self, model: torch.nn.Module, read_tensor, keys: set[str], samples: list[torch.Tensor],
-                 method: str = "asinq"):
+                 method: str = "asinq", sequential: bool = False):
         self.model = model  # meta-device architecture
         self.method = method  # the calibrated method, for error messages
+        # sequential: a block's inputs come from the blocks before it with their quantized weights
+        # (GPTQ's order, so each layer's error feedback also corrects what the earlier blocks'
+        # rounding did to its inputs); else from the original weights, as the reference's A-SINQ
+        self.sequential = sequential
+        self._block: torch.nn.Module | None = None  # sequential: the last block run, and its inputs
+        self._block_inputs: list[torch.Tensor] | None = None
+        self._quantized: dict[str, torch.Tensor] = {}  # sequential: its layers' weights as readers get them
         self.core, self.prefix = decoder_core(model, method)
         self.blocks = self.core.layers
         self._read = read_tensor  # key -> tensor from the source checkpoint
@@ -104,6 +111,14 @@ class BlockActivations:
             self._run(self._next)
         return self._acts.get(module)
 
+    def quantized(self, module: str, weight: torch.Tensor) -> None:
+        """``module``'s weight as readers get it back: with ``sequential``, the next block's
+        inputs are computed through it (ignored otherwise, and outside the blocks)."""
+        if self.sequential and self.block_of(module) is not None:
+            if self.block_of(module) != self._next - 1:
+                raise RuntimeError(f"{self.method} calibration: '{module}' quantized out of block order")
+            self._quantized[module] = weight
+
     # ---- internals ---------------------------------------------------------------------
     def _name(self, module: torch.nn.Module) -> str:
         return next(n for n, m in self.model.named_modules() if m is module)
@@ -128,7 +143,38 @@ class BlockActivations:
             module.load_state_dict(state, strict=True)
         return module.to(_DTYPE).eval()
 
+    def _forward(self, block: torch.nn.Module, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``block`` (decoder block ``index``) on every sample of ``hidden``, as the model's forward calls it."""
+        layer_type = None
+        if self._typed_rotary:
+            layer_type = self.model.config.get_text_config().layer_types[index]
+        outputs = []
+        with torch.inference_mode():
+            for h in hidden:
+                length = h.shape[1]
+                position_ids = torch.arange(length).unsqueeze(0)
+                emb = None
+                if self._rotary is not None:
+                    emb = (self._rotary(h, position_ids, layer_type) if self._typed_rotary
+                           else self._rotary(h, position_ids))
+                out = block(h, position_ids=position_ids, position_embeddings=emb, cache_position=torch.arange(length))
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+        return outputs
+
+    def _requantized_outputs(self) -> None:
+        """sequential: the last block's outputs again, through its quantized weights."""
+        if not self._quantized:
+            return
+        prefix = f"{self.prefix}.{self._next - 1}."
+        for module, weight in self._quantized.items():
+            linear = self._block.get_submodule(module[len(prefix):])
+            linear.weight.data.copy_(weight.to(linear.weight.dtype))
+        self._hidden = self._forward(self._block, self._next - 1, self._block_inputs)
+        self._quantized = {}
+
     def _run(self, index: int) -> None:
+        if self.sequential and self._block is not None:
+            self._requantized_outputs()
         name = f"{self.prefix}.{index}"
         block = self._materialize(self.blocks[index], name)
         acts: dict[str, list[torch.Tensor]] = {}
@@ -140,22 +186,8 @@ class BlockActivations:
 
         handles = [mod.register_forward_hook(hook(f"{name}.{sub}")) for sub, mod in block.named_modules()
                    if isinstance(mod, torch.nn.Linear)]
-        layer_type = None
-        if self._typed_rotary:
-            layer_type = self.model.config.get_text_config().layer_types[index]
-        outputs = []
         try:
-            with torch.inference_mode():
-                for h in self._hidden:
-                    length = h.shape[1]
-                    position_ids = torch.arange(length).unsqueeze(0)
-                    emb = None
-                    if self._rotary is not None:
-                        emb = (self._rotary(h, position_ids, layer_type) if self._typed_rotary
-                               else self._rotary(h, position_ids))
-                    out = block(h, position_ids=position_ids, position_embeddings=emb,
-                                cache_position=torch.arange(length))
-                    outputs.append(out[0] if isinstance(out, tuple) else out)
+            outputs = self._forward(block, index, self._hidden)
         except Exception as e:  # noqa: BLE001 - any failure of a foreign forward: name the block
             raise SinqConfigError(
                 f"--method {self.method}: the calibration forward of '{name}' ({type(block).__name__}) failed: "
@@ -164,6 +196,8 @@ class BlockActivations:
         finally:
             for h in handles:
                 h.remove()
+        if self.sequential:
+            self._block, self._block_inputs = block, self._hidden
         self._hidden = outputs
         # q/k/v (and gate/up) receive the same input tensor: concatenate it once and let them
         # share it (memory, and sinq_gptq computes one Hessian for all of them)

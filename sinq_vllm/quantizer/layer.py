@@ -27,7 +27,7 @@ from .awq import awq_scale
 from .methods import METHODS, QuantMethod, calibrated_methods, get_method
 from .rtn import heavy_tailed, quantize_nf, quantize_rtn
 from .sinkhorn import sinkhorn_log
-from .sinq_fit import fit_tile_quantize
+from .sinq_fit import fit_tile_quantize, stored_scales_zeros
 from .sinq_gptq import gptq_tile_quantize, input_hessian
 
 logger = get_logger(__name__)
@@ -46,6 +46,9 @@ class QuantizedWeight:
     # the layer's calibration inputs shaped it: A-SINQ's activation scale was searched, or
     # sinq_gptq's error feedback ran (False: no activations, or a kurtosis-gated A-SINQ layer)
     calibrated: bool = False
+    # error feedback ran: the float32 weight ``[N, K]`` a reader gets back, for the calibration
+    # inputs of the next blocks (quantizer/activations.py, sequential)
+    dequantized: torch.Tensor | None = None
 
 
 def stored_method(method: str, aux: bool) -> str:
@@ -281,9 +284,12 @@ def quantize_weight_detailed(
                               f"(only {calibrated_methods()} use them, with in_features={k} last)")
     # Gated layers take the reference's RTN branch, Sinkhorn round trip included, so that
     # they match it bit for bit; --method rtn stays plain RTN (our baseline, no Sinkhorn).
+    dequantized = None
     if qm.error_feedback and activations is not None:
         codes, scale, zero, col = gptq_tile_quantize(w16, group, nbits, aux, input_hessian(activations))
         used = True
+        s_read, z_read = stored_scales_zeros(scale, zero, aux)
+        dequantized = ((codes.float() - z_read.float()) * s_read.float()).view(n, k) * col.float()
     elif qm.fitted:
         codes, scale, zero, col = fit_tile_quantize(w16, group, nbits, aux)
         used = False
@@ -301,7 +307,7 @@ def quantize_weight_detailed(
     else:
         tensors.update({"meta.scale": scale, "meta.zero": zero})
 
-    return QuantizedWeight(tensors, meta, gated, used)
+    return QuantizedWeight(tensors, meta, gated, used, dequantized)
 
 
 def quantize_weight(

@@ -32,6 +32,11 @@ class QuantMethod:
     fitted: bool = False
     # codes chosen by error feedback on the calibration inputs (quantizer/sinq_gptq.py, docs/design.md §7)
     error_feedback: bool = False
+    # calibration inputs of a block computed through the blocks before it as quantized (GPTQ's
+    # order) instead of the original weights (the reference's A-SINQ); quantizer/activations.py
+    sequential: bool = False
+    # (samples, seqlen) taken from --calib-data when not given; None: 128 x 128, the reference's shape
+    calib_shape: tuple[int, int] | None = None
     writes_as: str | None = None  # the method another reader sees (config.json "method"); default: name
 
     @property
@@ -63,7 +68,7 @@ _ROWS = (
                 writes_as="sinq"),
     QuantMethod("sinq_gptq", "sinq", "sinq_fit plus codes chosen by error feedback on calibration text (GPTQ-style; "
                 "best quality; readers see a SINQ checkpoint)", kurtosis_gate=False, fitted=True, calibrated=True,
-                error_feedback=True, writes_as="sinq"),
+                error_feedback=True, sequential=True, calib_shape=(32, 512), writes_as="sinq"),
     # RTN layers carry no "sinq" substring, so readers know t == 1.
     QuantMethod("rtn", "rtn", "plain round-to-nearest baseline (no Sinkhorn)", sinkhorn=False, kurtosis_gate=False),
 )

@@ -456,7 +456,7 @@ def _calibration(src: Path, handles, weight_map, items, skel: _Skeleton, options
     calib = calibration_set(tokenizer, *options)
     summary.calibration = calib.describe()
     collector = BlockActivations(model, lambda key: handles[weight_map[key]].get_tensor(key), set(weight_map),
-                                 calib.samples, method)
+                                 calib.samples, method, sequential=get_method(method).sequential)
     logger.info("%s calibration: %s, %d decoder blocks at %s", method, calib.describe(), len(collector.blocks),
                 collector.prefix)
     collector.start()
@@ -508,6 +508,8 @@ def _write_shard(out: Path, shard: Shard, handles, opts, summary, metas, bar, ac
                 summary.quantize_seconds += time.perf_counter() - t0
                 if q.calibrated:
                     summary.calibrated_layers.append(item.module)
+                if q.dequantized is not None:
+                    activations.quantized(item.module, q.dequantized)
                 for k, v in q.tensors.items():
                     writer.write(f"{item.module}.{k}", v)
                 metas.append(q.meta)
@@ -566,6 +568,9 @@ def quantize_model(
                               f"not method {method!r}")
     if qm.calibrated:
         check_calibration_options(*calibration_options)
+        if qm.calib_shape and calib_data is not None:
+            # sinq_gptq: longer samples than A-SINQ's 128 tokens (benchmarks/results/quality_ablation.md §4b)
+            calibration_options = (calib_data, calib_samples or qm.calib_shape[0], calib_seqlen or qm.calib_shape[1])
     skip = list(skip or ())
     src, out = Path(src_dir), Path(out_dir)
     _check_dirs(src, out)
