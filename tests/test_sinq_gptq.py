@@ -207,20 +207,24 @@ def test_reference_loader_reads_a_sinq_gptq_checkpoint(gptq_checkpoint, tmp_path
         assert torch.equal(by_layer[mod.split("layers.", 1)[-1]], ours), mod
 
 
-def test_shared_inputs_give_one_tensor_and_one_hessian(model_factory):
-    """q/k/v (and gate/up) see the same input: the collector hands them one tensor and the
-    Hessian is computed once for it; other inputs, even with equal values, get their own."""
+def _meta_model_and_tensors(src):
+    """The architecture on the meta device (what the quantizer's collector gets) and the tensors."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sinq_vllm.quantizer import sinq_gptq
-    from sinq_vllm.quantizer.activations import BlockActivations
-
-    src = model_factory("llama")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src)), attn_implementation="sdpa")
     with safe_open(src / "model.safetensors", framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return model, {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_shared_inputs_give_one_tensor_and_one_hessian(model_factory):
+    """q/k/v (and gate/up) see the same input: the collector hands them one tensor and the
+    Hessian is computed once for it; other inputs, even with equal values, get their own."""
+    from sinq_vllm.quantizer import sinq_gptq
+    from sinq_vllm.quantizer.activations import BlockActivations
+
+    model, tensors = _meta_model_and_tensors(model_factory("llama"))
     samples = [torch.arange(1, 17).unsqueeze(0), torch.arange(3, 19).unsqueeze(0)]
     acts = BlockActivations(model, tensors.__getitem__, set(tensors), samples)
     p = "model.layers.0."
@@ -239,16 +243,12 @@ def test_sequential_inputs_come_through_the_quantized_blocks(model_factory):
     order). Block 0 with every weight recorded as zero adds nothing to the residual stream, so
     block 1's q/k/v inputs must be its input norm of the embeddings, computed here by the
     Transformers model itself; the reference's order (A-SINQ) ignores the recorded weights."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from sinq_vllm.quantizer.activations import BlockActivations
 
     src = model_factory("llama")
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src)), attn_implementation="sdpa")
-    with safe_open(src / "model.safetensors", framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = _meta_model_and_tensors(src)
     samples = [torch.arange(1, 17).unsqueeze(0), torch.arange(5, 21).unsqueeze(0)]
     block0 = [n for n in tensors if n.startswith("model.layers.0.") and n.endswith("_proj.weight")]
     assert len(block0) == 7
