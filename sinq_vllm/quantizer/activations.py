@@ -114,10 +114,12 @@ class BlockActivations:
     def quantized(self, module: str, weight: torch.Tensor) -> None:
         """``module``'s weight as readers get it back: with ``sequential``, the next block's
         inputs are computed through it (ignored otherwise, and outside the blocks)."""
-        if self.sequential and self.block_of(module) is not None:
-            if self.block_of(module) != self._next - 1:
-                raise RuntimeError(f"{self.method} calibration: '{module}' quantized out of block order")
-            self._quantized[module] = weight
+        block = self.block_of(module) if self.sequential else None
+        if block is None:
+            return
+        if block != self._next - 1:
+            raise RuntimeError(f"{self.method} calibration: '{module}' quantized out of block order")
+        self._quantized[module] = weight
 
     # ---- internals ---------------------------------------------------------------------
     def _name(self, module: torch.nn.Module) -> str:
