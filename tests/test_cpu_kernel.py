@@ -13,9 +13,13 @@ Tolerances (max |y - ref| / max |ref|, i.e. relative to the output scale), exact
 int8 activations (``int8_act=True``, opt-in): 3e-2 against the float32 reference (the
 activations are rounded to int8 per (row, group), up to max|x t| / 254), and against an
 oracle of that exact int8 arithmetic (written here) to the output's own rounding.
+Decoded-weight mode (the default ``auto`` mode's path for bf16 batches of >= 256 rows of
+<= 4-bit layers on AVX-512, csrc/cpu/sinq_cpu_kernel.h): the same 1e-2 against the float32
+reference, and against an oracle of its own arithmetic (bf16 x * t times bf16((V - z) * s),
+float64 sums) to the output's rounding; ``exact=True`` keeps exact products at every M.
 Every ISA this CPU can run (avx512bf16, avx2, scalar) is checked, not just the default, on
 odd shapes and merged layers, M in {1, 16, 17, 64, 512, 2048} (the large M cross the
-kernel's row chunks).
+kernel's row chunks and take the decoded-weight mode where the ISA has it).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 cpu_backend = pytest.importorskip("sinq_vllm.kernels.cpu_backend")
 from sinq_vllm.errors import SinqConfigError  # noqa: E402
 from sinq_vllm.kernels.contract import spec_of  # noqa: E402
-from kernel_reference import make_weights, reference, rel_err  # noqa: E402
+from kernel_reference import code_values, make_weights, reference, rel_err  # noqa: E402
 
 EXT = cpu_backend.load_extension()
 pytestmark = pytest.mark.skipif(EXT is None, reason=f"CPU kernel unavailable: {cpu_backend.extension_error()}")
@@ -55,8 +59,8 @@ def use_isa(isa):
     assert EXT.set_isa(isa) == isa
 
 
-def run(tensors, w, x, bias, int8=False):
-    return cpu_backend.cpu_linear(tensors, spec_of(w), x, bias, int8_act=int8)
+def run(tensors, w, x, bias, int8=False, exact=False):
+    return cpu_backend.cpu_linear(tensors, spec_of(w), x, bias, int8_act=int8, exact=exact)
 
 
 def int8_oracle(w, x, bias=None):
@@ -82,6 +86,38 @@ def int8_oracle(w, x, bias=None):
     if bias is not None:
         y = y + bias.double()
     return y.reshape(*x.shape[:-1], n)
+
+
+DECODED_MIN_ROWS = 256  # kDecodedMinRows, csrc/cpu/sinq_cpu_kernel.h
+
+
+def decoded_oracle(w, x, bias=None):
+    """(float64 result, float64 sum of |terms|) of the decoded-weight arithmetic: bf16(x * t) per
+    shard (x * t in fp32) times W = bf16((V(Q) - z) * s) (fp32 product, one rounding), + bias."""
+    n, k = w.codes.shape
+    g = w.group_size
+    v = code_values(w).view(n, k // g, g)
+    deq = torch.addcmul(-(w.zeros.float() * w.scales.float())[..., None], v, w.scales.float()[..., None])
+    deq = deq.view(n, k).bfloat16().double()
+    xf = x.reshape(-1, k).float()
+    offs = w.shard_offsets
+    xs = [(xf * w.col_scales[s].float()).bfloat16().double() for s in range(len(offs) - 1)]
+    y = torch.cat([xs[s] @ deq[offs[s] : offs[s + 1]].T for s in range(len(offs) - 1)], 1)
+    mag = torch.cat([xs[s].abs() @ deq[offs[s] : offs[s + 1]].abs().T for s in range(len(offs) - 1)], 1)
+    if bias is not None:
+        y = y + bias.double()
+        mag = mag + bias.double().abs()
+    return y.reshape(*x.shape[:-1], n), mag.reshape(*x.shape[:-1], n)
+
+
+def assert_decoded_arithmetic(y, w, x, bias, case):
+    """y is the decoded-weight arithmetic: the oracle within half a bf16 ulp of y (the output's
+    rounding) plus fp32 accumulation error (2e-5 of the sum of |terms|, for outputs near
+    cancellation)."""
+    exact, mag = decoded_oracle(w, x, bias)
+    half_ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(y.double())[1] - 9)
+    excess = (y.double() - exact).abs() - (half_ulp + 2e-5 * mag)
+    assert (excess <= 0).all(), f"{case}: {int((excess > 0).sum())} outputs off the decoded-weight arithmetic"
 
 
 # layers: (shard sizes, K); odd N, K = 3 * group, merged layers with 2 and 3 shards
@@ -169,6 +205,47 @@ def test_large_m_many_chunks():
         assert rel_err(run(tensors, w, xd, bd), reference(w, xd, bd)) <= TOL[dtype], dtype
     y8 = run(tensors, w, x, bias, int8=True)
     assert ((y8.double() - int8_oracle(w, x, bias)).abs().max() / y8.abs().max()).item() <= OUT_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("codebook,nbits", [(None, 4), (None, 3), (None, 2), ("nf4", 4), ("nf3", 3)])
+def test_decoded_weight_mode(codebook, nbits):
+    """bf16 batches of >= 256 rows on AVX-512: the decoded-weight arithmetic (oracle above) and the
+    float32 reference within 1e-2, on odd shapes, merged layers, groups 32/64/128, K across
+    several k-blocks (256) and M across row chunks (512); below 256 rows, for fp16/fp32
+    activations and with exact=True, bit for bit the exact path."""
+    use_isa("avx512bf16")
+    layers = [((97,), 192, 64), ((40, 57, 30), 640, 128), ((64, 33), 96, 32), ((256, 72), 1024, 64)]
+    for li, (shards, k, group) in enumerate(layers):
+        w = make_weights(shards, k, nbits, group, seed=20 + li, codebook=codebook)
+        tensors = cpu_backend.repack(w)
+        gen = torch.Generator().manual_seed(li)
+        for m in (DECODED_MIN_ROWS - 1, DECODED_MIN_ROWS, 512, 517, 2048):
+            x = torch.randn(m, k, generator=gen).bfloat16()
+            bias = torch.randn(sum(shards), generator=gen).bfloat16() if m % 2 else None
+            case = f"{codebook or 'uniform'} {nbits}-bit g{group} {shards} K={k} M={m}"
+            y, y_exact = run(tensors, w, x, bias), run(tensors, w, x, bias, exact=True)
+            assert rel_err(y, reference(w, x, bias)) <= TOL[torch.bfloat16], case
+            assert rel_err(y_exact, reference(w, x, bias)) <= TOL[torch.bfloat16], case
+            if m < DECODED_MIN_ROWS:
+                assert torch.equal(y, y_exact), case
+            else:
+                assert_decoded_arithmetic(y, w, x, bias, case)
+                assert not torch.equal(y, y_exact), f"{case}: the decoded-weight mode was not taken"
+                if m == 2048:  # a row's result does not depend on how the batch is cut into row chunks
+                    assert torch.equal(run(tensors, w, x[:300], bias), y[:300]), case
+        for dtype in (torch.float16, torch.float32):
+            x = torch.randn(512, k, generator=gen).to(dtype)
+            assert torch.equal(run(tensors, w, x, None), run(tensors, w, x, None, exact=True)), (dtype, k)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_no_decoded_mode_without_avx512(isa):
+    """ISAs without the decoded-weight mode compute exact products at every batch size."""
+    use_isa(isa)
+    w = make_weights((40, 57), 256, 4, 64, seed=6)
+    tensors = cpu_backend.repack(w)
+    x = torch.randn(300, 256).bfloat16()
+    assert torch.equal(run(tensors, w, x, None), run(tensors, w, x, None, exact=True))
 
 
 def test_isas_agree():
@@ -289,8 +366,16 @@ def test_activation_mode_option(monkeypatch):
     monkeypatch.setenv("SINQ_VLLM_CPU_ACT", "fp8")
     with pytest.raises(SinqConfigError, match="SINQ_VLLM_CPU_ACT='fp8'"):
         cpu_backend.CpuBackend()
+    monkeypatch.setenv("SINQ_VLLM_CPU_ACT", "exact")
+    be = cpu_backend.CpuBackend()
+    w = make_weights((40, 57), 128, 4, 64, seed=5)
+    tensors = be.prepare(w)
+    x = torch.randn(300, 128).bfloat16()
+    assert torch.equal(be.apply(tensors, spec_of(w), x, None), run(tensors, w, x, None, exact=True))
     monkeypatch.delenv("SINQ_VLLM_CPU_ACT")
-    assert cpu_backend.CpuBackend().act_mode == "exact"
+    be = cpu_backend.CpuBackend()
+    assert be.act_mode == "auto"
+    assert torch.equal(be.apply(tensors, spec_of(w), x, None), run(tensors, w, x, None))
 
 
 def test_opcheck():
@@ -300,9 +385,11 @@ def test_opcheck():
     for dtype, bias, codebook, int8 in ((torch.bfloat16, None, None, False),
                                         (torch.float16, torch.randn(97, dtype=torch.float16), None, False),
                                         (torch.bfloat16, None, cb, False), (torch.float32, None, None, True)):
-        args = (torch.randn(3, 128, dtype=dtype), t["qweight"], t["scales_zeros"], t["col_scales"], [0, 40, 97], bias, 4,
+        m = 300 if dtype == torch.bfloat16 else 3  # 300 rows: the decoded-weight mode
+        args = (torch.randn(m, 128, dtype=dtype), t["qweight"], t["scales_zeros"], t["col_scales"], [0, 40, 97], bias, 4,
                 64, codebook, int8)
         torch.library.opcheck(torch.ops.sinq_vllm.cpu_linear.default, args)
+        torch.library.opcheck(torch.ops.sinq_vllm.cpu_linear.default, (*args, True))
 
 
 @pytest.mark.parametrize("codebook,int8", [(None, False), ("nf4", False), (None, True)])

@@ -193,7 +193,7 @@ def test_every_switch_is_in_the_table_and_the_readme():
     ("SINQ_VLLM_TRITON_AUTOTUNE", "2", "valid values: 0, 1, false, true, no, yes, on, off"),
     ("SINQ_VLLM_TRITON_GEMV_MAX_M", "one", "valid values: a whole number >= 0"),
     ("SINQ_VLLM_TRITON_FACTORED_MAX_M", "-1", "valid values: a whole number >= 0"),
-    ("SINQ_VLLM_CPU_ACT", "fp8", "valid values: exact, int8"),
+    ("SINQ_VLLM_CPU_ACT", "fp8", "valid values: auto, exact, int8"),
     ("SINQ_VLLM_PREFILL_MIN_M", "0", "must be a positive integer (default 256)"),
     ("SINQ_VLLM_REQUIRE_CUDA", "maybe", "valid values: 0, 1, false, true, no, yes, on, off"),
     ("SINQ_VLLM_SKIP_CPU_EXT", "yes", "valid values: 0, 1"),

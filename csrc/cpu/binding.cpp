@@ -1,7 +1,8 @@
 // Registration of the SINQ CPU op as a torch custom op, plus a few Python helpers.
 //
 //   torch.ops.sinq_vllm.cpu_linear(x, qweight, scales_zeros, col_scales, shard_offsets,
-//                                  bias, nbits, group_size, codebook=None, int8_act=False) -> Tensor
+//                                  bias, nbits, group_size, codebook=None, int8_act=False,
+//                                  exact=False) -> Tensor
 //   torch.ops.sinq_vllm.sinkhorn_stds(m, mu1, mu2) -> (std_rows, std_cols)   (quantizer)
 //   torch.ops.sinq_vllm.group_fit(x, nbits, deltas, lloyd_steps, weights, scales, zeros)
 //       -> (scales, zeros)                                                    (quantizer, sinq_fit)
@@ -18,7 +19,7 @@
 TORCH_LIBRARY_FRAGMENT(sinq_vllm, m) {
   m.def(
       "cpu_linear(Tensor x, Tensor qweight, Tensor scales_zeros, Tensor col_scales, int[] shard_offsets, "
-      "Tensor? bias, int nbits, int group_size, Tensor? codebook=None, bool int8_act=False) -> Tensor");
+      "Tensor? bias, int nbits, int group_size, Tensor? codebook=None, bool int8_act=False, bool exact=False) -> Tensor");
   m.def("sinkhorn_stds(Tensor m, Tensor? mu1, Tensor? mu2) -> (Tensor, Tensor)");
   m.def(
       "group_fit(Tensor x, int nbits, float[] deltas, int lloyd_steps, Tensor? weights, Tensor? scales, "

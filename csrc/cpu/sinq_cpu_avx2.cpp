@@ -176,7 +176,7 @@ SINQ_T256 static void block(const Params& p, int64_t tile, int64_t xrow0, int mt
   block_rows<kTable>(p, tile, xrow0, mt, tot);
 }
 
-const Kernels kAvx2Kernels{block, store_row_portable, prep_bf16_portable, prep_int8_portable};
+const Kernels kAvx2Kernels{block, nullptr, store_row_portable, prep_bf16_portable, prep_int8_portable};
 
 }  // namespace
 

@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 
 #define SINQ_T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma,f16c,avx2")))
@@ -316,6 +317,109 @@ SINQ_T512 static void block(const Params& p, int64_t tile, int64_t xrow0, int mt
 }
 #undef SINQ_ROWS_SWITCH
 
+// ---------------------------------------------------------------------------------------
+// Decoded-weight mode (sinq_cpu_kernel.h): bf16 weights of a k-block, then a bf16 GEMM
+// ---------------------------------------------------------------------------------------
+
+// dst[kp * 64 + row] = the bf16 pair (W[row, 2 kp], W[row, 2 kp + 1]) of k-pairs
+// [k0 / 2, (k0 + kn) / 2) of the tile, W = bf16((V(q) - z) * s): V(q) comes exactly from the
+// tables (hi, + lo for NF codes), (V - z) * s is one fused multiply-add with -(z * s), which
+// is exact in fp32 (both fp16), so W is the product rounded once to fp32, then to bf16.
+template <bool kLo>
+SINQ_T512 static void decode_kblock(const Params& p, int64_t tile, int64_t k0, int64_t kn, uint32_t* dst) {
+  const uint8_t* __restrict qt = tile_codes(p, tile);
+  const uint16_t* __restrict szt = tile_scales(p, tile);
+  const __m512i lut = _mm512_loadu_si512(p.lut);
+  const __m512i lut_lo = kLo ? _mm512_loadu_si512(p.lut_lo) : _mm512_setzero_si512();
+  const __m512i odd = _mm512_set1_epi32((int)0xFFFF0000u);
+  // cvtne2ps_pbh(odd, even) puts the 16 even-k values in words 0-15 and the odd ones in
+  // 16-31; word 2r of a pair operand is row r's even k, word 2r + 1 its odd k
+  alignas(64) static const uint16_t kPairOrder[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i pair_order = _mm512_load_si512(kPairOrder);
+  for (int64_t k8 = k0 / 8; k8 < (k0 + kn) / 8; ++k8) {
+    const uint16_t* szg = szt + (k8 * 8 / p.gs) * 128;
+    uint32_t* d8 = dst + (k8 - k0 / 8) * 4 * kTileRows;
+#pragma GCC unroll 4
+    for (int sb = 0; sb < 4; ++sb) {
+      const __m512 s = group_scale(szg, sb);
+      const __m512 nzs = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(group_zero(szg, sb), s));
+      const __m512i w = _mm512_loadu_si512(qt + k8 * 256 + sb * 64);
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) {
+        const __m512i idx = h == 0 ? w : _mm512_srli_epi16(w, 4 * h);  // vpermw reads 5 bits: the table repeats
+        const __m512i v = _mm512_permutexvar_epi16(idx, lut);
+        __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        __m512 odd_v = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+        if constexpr (kLo) {
+          const __m512i vl = _mm512_permutexvar_epi16(idx, lut_lo);
+          even = _mm512_add_ps(even, _mm512_castsi512_ps(_mm512_slli_epi32(vl, 16)));
+          odd_v = _mm512_add_ps(odd_v, _mm512_castsi512_ps(_mm512_and_si512(vl, odd)));
+        }
+        even = _mm512_fmadd_ps(even, s, nzs);
+        odd_v = _mm512_fmadd_ps(odd_v, s, nzs);
+        const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(odd_v, even);
+        _mm512_store_si512(d8 + h * kTileRows + sb * kSubRows, _mm512_permutexvar_epi16(pair_order, packed));
+      }
+    }
+  }
+}
+
+// c[i * 64 + r] (+)= sum over nkp k-pairs of x rows xr[i] (bf16 pairs) times the decoded
+// block: MT rows x 4 sub-blocks of accumulators (24 registers at MT = 6), no epilogue.
+template <int MT>
+SINQ_T512 static void decoded_gemm(const uint32_t* __restrict wb, int64_t nkp, const uint32_t* const* xr, float* c,
+                                   bool first) {
+  __m512 acc[MT][4];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 4
+    for (int sb = 0; sb < 4; ++sb)
+      acc[i][sb] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * kTileRows + sb * kSubRows);
+  for (int64_t kp = 0; kp < nkp; ++kp) {
+    __m512i b[4];
+#pragma GCC unroll 4
+    for (int sb = 0; sb < 4; ++sb) b[sb] = _mm512_load_si512(wb + kp * kTileRows + sb * kSubRows);
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xr[i][kp]);
+#pragma GCC unroll 4
+      for (int sb = 0; sb < 4; ++sb) acc[i][sb] = _mm512_dpbf16_ps(acc[i][sb], (__m512bh)b[sb], xb);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 4
+    for (int sb = 0; sb < 4; ++sb) _mm512_storeu_ps(c + i * kTileRows + sb * kSubRows, acc[i][sb]);
+}
+
+SINQ_T512 static void decoded(const Params& p, int64_t tile, int64_t xrow0, int64_t rows, float* c) {
+  alignas(64) uint32_t wb[kDecodedKBlock / 2 * kTileRows];
+  const uint16_t* xa = static_cast<const uint16_t*>(p.xa);
+  for (int64_t k0 = 0; k0 < p.K; k0 += kDecodedKBlock) {
+    const int64_t kn = std::min<int64_t>(kDecodedKBlock, p.K - k0);  // a multiple of 8 (K is of the group size)
+    if (p.lut_lo)
+      decode_kblock<true>(p, tile, k0, kn, wb);
+    else
+      decode_kblock<false>(p, tile, k0, kn, wb);
+    for (int64_t r = 0; r < rows; r += kMicroRows) {
+      const int mt = (int)std::min<int64_t>(kMicroRows, rows - r);
+      const uint32_t* xr[kMicroRows];
+      for (int i = 0; i < mt; ++i)
+        xr[i] = reinterpret_cast<const uint32_t*>(xa + act_row(p, tile, xrow0 + r + i) * p.K + k0);
+      float* cr = c + r * kTileRows;
+      switch (mt) {
+        case 1: decoded_gemm<1>(wb, kn / 2, xr, cr, k0 == 0); break;
+        case 2: decoded_gemm<2>(wb, kn / 2, xr, cr, k0 == 0); break;
+        case 3: decoded_gemm<3>(wb, kn / 2, xr, cr, k0 == 0); break;
+        case 4: decoded_gemm<4>(wb, kn / 2, xr, cr, k0 == 0); break;
+        case 5: decoded_gemm<5>(wb, kn / 2, xr, cr, k0 == 0); break;
+        default: decoded_gemm<6>(wb, kn / 2, xr, cr, k0 == 0); break;
+      }
+    }
+  }
+}
+
 SINQ_T512 static void store_row(const float* a, const float* b, const void* bias, int bias_dtype, void* y, int y_dtype,
                                 int n) {
   for (int i = 0; i < n; i += 16) {
@@ -378,7 +482,7 @@ SINQ_T512 static void prep_int8(const void* x, int x_dtype, const float* t, int6
   }
 }
 
-const Kernels kAvx512Kernels{block, store_row, prep_bf16, prep_int8};
+const Kernels kAvx512Kernels{block, decoded, store_row, prep_bf16, prep_int8};
 
 }  // namespace
 

@@ -137,6 +137,7 @@ const Kernels& kernels_for(int isa) {
 // codebook's values split exactly into hi + lo.
 struct CodeTables {
   uint16_t hi[kLutSize], lo[kLutSize];
+  uint16_t value[kLutSize];  // decoded-weight mode: V(q) itself (hi + lo of NF codes as above)
   float off;
   bool uniform;
 };
@@ -145,7 +146,10 @@ CodeTables code_tables(const std::optional<at::Tensor>& codebook, int64_t nbits)
   CodeTables ct{};
   ct.uniform = !(codebook.has_value() && codebook->defined());
   if (ct.uniform) {
-    for (int i = 0; i < kLutSize; ++i) ct.hi[i] = (uint16_t)(0x4300 | (i & 15));
+    for (int i = 0; i < kLutSize; ++i) {
+      ct.hi[i] = (uint16_t)(0x4300 | (i & 15));
+      ct.value[i] = float_to_bf16((float)(i & 15));
+    }
     ct.off = 128.f;
     return ct;
   }
@@ -163,6 +167,7 @@ CodeTables code_tables(const std::optional<at::Tensor>& codebook, int64_t nbits)
     TORCH_CHECK(bf16_to_float(ct.hi[i]) + bf16_to_float(ct.lo[i]) == value, "sinq_vllm::cpu_linear: codebook value ",
                 value, " has more than 16 significant bits (fp16 values always fit)");
   }
+  std::memcpy(ct.value, ct.hi, sizeof ct.hi);
   ct.off = 0.f;
   return ct;
 }
@@ -172,7 +177,7 @@ CodeTables code_tables(const std::optional<at::Tensor>& codebook, int64_t nbits)
 at::Tensor cpu_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales_zeros,
                       const at::Tensor& col_scales, c10::IntArrayRef shard_offsets,
                       const std::optional<at::Tensor>& bias_in, int64_t nbits, int64_t group_size,
-                      const std::optional<at::Tensor>& codebook, bool int8_act) {
+                      const std::optional<at::Tensor>& codebook, bool int8_act, bool exact) {
   TORCH_CHECK(x_in.device().is_cpu(), "sinq_vllm::cpu_linear: x must be a CPU tensor");
   TORCH_CHECK(nbits >= 2 && nbits <= 8 && nbits != 7, "sinq_vllm::cpu_linear: unsupported nbits ", nbits);
   TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "sinq_vllm::cpu_linear: group_size must be a multiple of 8, got ",
@@ -277,8 +282,11 @@ at::Tensor cpu_linear(const at::Tensor& x_in, const at::Tensor& qweight, const a
   p.G = G;
   p.gs = group_size;
   p.nbits = (int)nbits;
-  p.lut = ct.hi;
-  p.lut_lo = !ct.uniform && split ? ct.lo : nullptr;
+  // decoded weights for large bf16 batches of nibble codes, unless exact products are asked for
+  p.decoded = kr.decoded && !exact && !int8_act && x_dt == kBF16 && code_kind((int)nbits) == kNibble &&
+              M >= kDecodedMinRows;
+  p.lut = p.decoded ? ct.value : ct.hi;
+  p.lut_lo = !ct.uniform && (split || p.decoded) ? ct.lo : nullptr;
   p.off = code_kind((int)nbits) == kByte8 ? 0.f : ct.off;
   p.uniform = ct.uniform;
   p.int8 = int8_act;
@@ -290,7 +298,9 @@ at::Tensor cpu_linear(const at::Tensor& x_in, const at::Tensor& qweight, const a
   // Row chunks keep a block of activations in L2 while the weight tiles stream past it;
   // decode-sized batches are one chunk (work items = tiles). Chunks of equal size, in
   // whole micro blocks, so that no chunk streams all weights for a few rows.
-  const int64_t max_chunk = std::max<int64_t>(1, kChunkBytes / xa_row_bytes / kMicroRows) * kMicroRows;
+  // Decoded-weight mode: chunks of up to kDecodedChunkRows, each decodes every tile once.
+  const int64_t max_chunk = p.decoded ? kDecodedChunkRows
+                                      : std::max<int64_t>(1, kChunkBytes / xa_row_bytes / kMicroRows) * kMicroRows;
   const int64_t n_chunks = (Mp + max_chunk - 1) / max_chunk;
   p.chunk_rows = ((Mp + n_chunks - 1) / n_chunks + kMicroRows - 1) / kMicroRows * kMicroRows;
   p.y = y.data_ptr();

@@ -45,6 +45,18 @@
 // instruction of _mm512_dpbf16_ps). Group sizes must be multiples of 8 (one nibble word
 // spans 8 k).
 //
+// Decoded weights (bf16 activations, nibble codes, batches of at least kDecodedMinRows rows,
+// unless the caller asks for exact products; AVX-512 only): large batches are compute-bound,
+// and there the per-group epilogue above (2 FMAs per 32 dot products at group 64, on the
+// pipes the dot products need) is what keeps the exact kernel below a bf16 GEMM. Instead,
+// a k-block of a tile is decoded once per row chunk into bf16 weights
+// W[n, k] = bf16((V(q) - z) * s) (V(q) exact in fp32, one rounding, as a bf16 checkpoint of
+// the same weights would hold them), and a plain register-blocked bf16 micro-kernel runs
+// all rows of the chunk over it: the decoding is amortized over the rows, and there is no
+// per-group work left. Numerics: bf16 x * t times bf16 weights, fp32 accumulation (the
+// error of a bf16 linear layer; docs/design.md §4.2). In this mode lut / lut_lo hold
+// V(q) itself (exact hi + lo split for NF codes).
+//
 // Work split (run_items): a work item is (row chunk, tile); row chunks hold at most
 // kChunkBytes of activations, so that a chunk stays in L2 while all weight tiles stream
 // past it (decode-sized batches are a single chunk, and the items are the tiles). Inside
@@ -66,6 +78,12 @@ constexpr int kSubRows = 16;
 constexpr int kMicroRows = 6;   // activation rows per micro-kernel call; even (hi/lo pairs)
 constexpr int kLutSize = 32;    // vpermw table: entry i is the value of code i & 15
 constexpr int64_t kChunkBytes = int64_t(384) << 10;  // activation bytes per row chunk at most (stays in L2)
+// decoded-weight mode: smallest batch that uses it (measured: benchmarks/results/cpu_kernel.md),
+// k per decoded block (64 k-pairs x 64 rows of bf16 pairs: 16 KiB, stays in L1), rows per
+// chunk at most (a k-block of their activations and their fp32 sums stay in L2)
+constexpr int64_t kDecodedMinRows = 256;
+constexpr int kDecodedKBlock = 256;
+constexpr int64_t kDecodedChunkRows = 512;
 static_assert(kMicroRows % 2 == 0, "hi/lo row pairs must never straddle a micro-kernel call");
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
@@ -108,6 +126,7 @@ struct Params {
   const float* xd;
   int64_t Mp;               // activation rows per shard (2*M when split)
   bool split;               // hi/lo rows (fp16/fp32 activations, bf16 mode)
+  bool decoded;             // decoded-weight mode (bf16 activations, nibble codes, Kernels::decoded)
   int64_t chunk_rows;       // rows of a work item (multiple of kMicroRows)
   void* y;                  // output [M, ldy]
   int y_dtype;
@@ -121,6 +140,9 @@ struct Params {
 struct Kernels {
   // tot[j * 64 + r] (fp32, no bias) for x rows [xrow0, xrow0 + mt) of tile `tile`, mt <= kMicroRows
   void (*block)(const Params& p, int64_t tile, int64_t xrow0, int mt, float* tot);
+  // decoded-weight mode: c[j * 64 + r] (fp32, no bias) for x rows [xrow0, xrow0 + rows) of
+  // tile `tile`, rows <= p.chunk_rows; nullptr when the ISA has no such mode
+  void (*decoded)(const Params& p, int64_t tile, int64_t xrow0, int64_t rows, float* c);
   // y[0:n] = a[0:n] (+ b[0:n] when b) (+ bias[0:n] when bias), n <= 64
   void (*store_row)(const float* a, const float* b, const void* bias, int bias_dtype, void* y, int y_dtype, int n);
   // one activation row x[0:K] * t[0:K]: bf16 hi (and lo, when lo) + their group sums

@@ -16,7 +16,7 @@ namespace sinq_cpu {
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_zeros,
                       const at::Tensor& col_scales, c10::IntArrayRef shard_offsets,
                       const std::optional<at::Tensor>& bias, int64_t nbits, int64_t group_size,
-                      const std::optional<at::Tensor>& codebook, bool int8_act);
+                      const std::optional<at::Tensor>& codebook, bool int8_act, bool exact);
 
 // Row and column stds (unbiased) of (m / mu1) / mu2 per slab, m [S, H, B] fp32, mu1 [S, B],
 // mu2 [S, H, 1] (both absent: of m itself); equal to torch.std's fp32 results.

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace sinq_cpu {
 
@@ -84,6 +85,9 @@ void prep_int8_portable(const void* x, int x_dtype, const float* t, int64_t K, i
 
 void run_items(const Kernels& kr, const Params& p, int64_t i0, int64_t i1) {
   alignas(64) float tot[kMicroRows * kTileRows];
+  thread_local std::vector<float> decoded_sums;  // decoded-weight mode: [chunk rows, 64]
+  if (p.decoded && decoded_sums.size() < (size_t)(p.chunk_rows * kTileRows))
+    decoded_sums.resize((size_t)(p.chunk_rows * kTileRows));
   const int step = p.split ? 2 : 1;
   const int ybytes = dtype_bytes(p.y_dtype), bbytes = dtype_bytes(p.bias_dtype);
   for (int64_t it = i0; it < i1; ++it) {
@@ -92,14 +96,20 @@ void run_items(const Kernels& kr, const Params& p, int64_t i0, int64_t i1) {
     const int64_t r1 = std::min(r0 + p.chunk_rows, p.Mp);
     const TileInfo& ti = p.tiles[tile];
     const void* bias = p.bias ? static_cast<const char*>(p.bias) + (int64_t)ti.row0 * bbytes : nullptr;
+    auto store = [&](int64_t xrow, const float* a, const float* b) {
+      char* y = static_cast<char*>(p.y) + ((xrow / step) * p.ldy + ti.row0) * ybytes;
+      kr.store_row(a, b, bias, p.bias_dtype, y, p.y_dtype, ti.rows);
+    };
+    if (p.decoded) {
+      kr.decoded(p, tile, r0, r1 - r0, decoded_sums.data());
+      for (int64_t r = r0; r < r1; ++r) store(r, decoded_sums.data() + (r - r0) * kTileRows, nullptr);
+      continue;
+    }
     for (int64_t r = r0; r < r1; r += kMicroRows) {
       const int mt = (int)std::min<int64_t>(kMicroRows, r1 - r);
       kr.block(p, tile, r, mt, tot);
-      for (int j = 0; j < mt; j += step) {
-        char* y = static_cast<char*>(p.y) + (((r + j) / step) * p.ldy + ti.row0) * ybytes;
-        kr.store_row(tot + j * kTileRows, p.split ? tot + (j + 1) * kTileRows : nullptr, bias, p.bias_dtype, y,
-                     p.y_dtype, ti.rows);
-      }
+      for (int j = 0; j < mt; j += step)
+        store(r + j, tot + j * kTileRows, p.split ? tot + (j + 1) * kTileRows : nullptr);
     }
   }
 }
@@ -154,7 +164,7 @@ void scalar_block(const Params& p, int64_t tile, int64_t xrow0, int mt, float* t
   }
 }
 
-const Kernels kScalarKernels{scalar_block, store_row_portable, prep_bf16_portable, prep_int8_portable};
+const Kernels kScalarKernels{scalar_block, nullptr, store_row_portable, prep_bf16_portable, prep_int8_portable};
 
 }  // namespace
 

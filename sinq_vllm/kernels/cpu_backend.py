@@ -16,8 +16,13 @@ output rows, each merged-layer shard padded on its own to a multiple of 64 rows;
   the reference computes (``sinq_vllm.format.codebooks``).
 
 Activations (``SINQ_VLLM_CPU_ACT``, docs/design.md §4.2):
-* ``exact`` (default): ``x * t`` in bf16 (plus a bf16 remainder row for fp16/fp32
-  activations), exact bf16 products, fp32 sums;
+* ``auto`` (default): ``exact`` below; except that bf16 batches of at least 128 rows
+  (prefill, large decode batches) of uniform or NF layers of at most 4 bits run on weights
+  decoded to bf16 once per row chunk, ``bf16((V(q) - z) * s)``, with a plain bf16 GEMM
+  (AVX-512 only): the numerics of a bf16 linear layer, without the exact path's per-group
+  epilogue, which is what keeps it below oneDNN's bf16 GEMM where the op is compute-bound;
+* ``exact``: ``x * t`` in bf16 (plus a bf16 remainder row for fp16/fp32 activations),
+  exact bf16 products with the codes, fp32 sums, at every batch size;
 * ``int8``: ``x * t`` quantized to int8 per (row, group), exact int32 dot products with
   the codes: about twice the multiply-add rate where the op is compute-bound (batches,
   prefill), at the cost of an activation rounding error of up to max|x t| / 254 per group.
@@ -43,12 +48,12 @@ TILE_ROWS = 64
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACT_ENV = "SINQ_VLLM_CPU_ACT"
-ACT_MODES = ("exact", "int8")
+ACT_MODES = ("auto", "exact", "int8")
 
 
 def activation_mode() -> str:
-    """``SINQ_VLLM_CPU_ACT``: ``exact`` (default) or ``int8``."""
-    value = os.environ.get(ACT_ENV, "exact").strip().lower() or "exact"
+    """``SINQ_VLLM_CPU_ACT``: ``auto`` (default), ``exact`` or ``int8``."""
+    value = os.environ.get(ACT_ENV, "auto").strip().lower() or "auto"
     if value not in ACT_MODES:
         raise SinqConfigError(f"{ACT_ENV}={value!r} is not a CPU activation mode; valid values: {', '.join(ACT_MODES)}")
     return value
@@ -76,7 +81,7 @@ def _compiler_missing() -> str | None:
 def _on_load(module) -> None:
     @torch.library.register_fake("sinq_vllm::cpu_linear")
     def _cpu_linear_fake(x, qweight, scales_zeros, col_scales, shard_offsets, bias, nbits, group_size, codebook=None,
-                         int8_act=False):
+                         int8_act=False, exact=False):
         return x.new_empty((*x.shape[:-1], shard_offsets[-1]))
 
     if hasattr(torch.ops.sinq_vllm, "sinkhorn_stds"):  # quantizer op (absent from older builds)
@@ -149,7 +154,7 @@ def repack(weights: SinqWeights) -> dict[str, torch.Tensor]:
 
 
 def cpu_linear(tensors: dict[str, torch.Tensor], spec: LayerSpec, x: torch.Tensor, bias: torch.Tensor | None,
-               int8_act: bool = False):
+               int8_act: bool = False, exact: bool = False):
     return torch.ops.sinq_vllm.cpu_linear(
         x,
         tensors["qweight"],
@@ -161,6 +166,7 @@ def cpu_linear(tensors: dict[str, torch.Tensor], spec: LayerSpec, x: torch.Tenso
         spec.group_size,
         tensors.get("codebook"),
         int8_act,
+        exact,
     )
 
 
@@ -208,4 +214,4 @@ class CpuBackend(KernelBackend):
         return repack(weights)
 
     def apply(self, tensors, spec: LayerSpec, x, bias):
-        return cpu_linear(tensors, spec, x, bias, int8_activations(spec, self.act_mode))
+        return cpu_linear(tensors, spec, x, bias, int8_activations(spec, self.act_mode), exact=self.act_mode == "exact")

@@ -99,9 +99,11 @@ SWITCHES: tuple[Switch, ...] = (
            # the C++ kernel compares exact lower-case names (csrc/cpu/sinq_cpu_kernel.cpp)
            "force the instruction set of the CPU kernel (the CPU must support it)",
            _choice(("auto", "avx512bf16", "avx512", "avx2", "scalar"), case_sensitive=True)),
-    Switch(CPU_ACT_ENV, "exact", "exact, int8", "C++ CPU kernel (worker)",
-           "int8: round x*t to int8 per (row, group) on uniform <= 4-bit layers (VNNI; faster prefill and batched "
-           "decode, larger error: docs/design.md §4.2)", lambda name, value: activation_mode()),
+    Switch(CPU_ACT_ENV, "auto", "auto, exact, int8", "C++ CPU kernel (worker)",
+           "auto: exact products below 256 rows, bf16 batches of >= 256 rows (prefill) on weights decoded to bf16 "
+           "(AVX-512); exact: exact products at every batch size; int8: round x*t to int8 per (row, group) on "
+           "uniform <= 4-bit layers (VNNI; faster prefill and batched decode, larger error: docs/design.md §4.2)",
+           lambda name, value: activation_mode()),
     _jit("cpu"),
     _jit("cuda"),
     Switch("SINQ_VLLM_CACHE", "~/.cache/sinq_vllm", "a folder path (created if missing)",
