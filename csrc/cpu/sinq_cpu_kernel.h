@@ -82,7 +82,7 @@ constexpr int64_t kChunkBytes = int64_t(384) << 10;  // activation bytes per row
 // k per decoded block (64 k-pairs x 64 rows of bf16 pairs: 16 KiB, stays in L1), rows per
 // chunk at most (a k-block of their activations and their fp32 sums stay in L2)
 constexpr int64_t kDecodedMinRows = 256;
-constexpr int kDecodedKBlock = 256;
+constexpr int kDecodedKBlock = 128;
 constexpr int64_t kDecodedChunkRows = 512;
 static_assert(kMicroRows % 2 == 0, "hi/lo row pairs must never straddle a micro-kernel call");
 
