@@ -211,7 +211,7 @@ def test_large_m_many_chunks():
 def test_decoded_weight_mode(codebook, nbits):
     """bf16 batches of >= 256 rows on AVX-512: the decoded-weight arithmetic (oracle above) and the
     float32 reference within 1e-2, on odd shapes, merged layers, groups 32/64/128, K across
-    several k-blocks (256) and M across row chunks (512); below 256 rows, for fp16/fp32
+    several k-blocks (128) and M across row chunks (512); below 256 rows, for fp16/fp32
     activations and with exact=True, bit for bit the exact path."""
     use_isa("avx512bf16")
     layers = [((97,), 192, 64), ((40, 57, 30), 640, 128), ((64, 33), 96, 32), ((256, 72), 1024, 64)]
