@@ -78,7 +78,7 @@ constexpr int kSubRows = 16;
 constexpr int kMicroRows = 6;   // activation rows per micro-kernel call; even (hi/lo pairs)
 constexpr int kLutSize = 32;    // vpermw table: entry i is the value of code i & 15
 constexpr int64_t kChunkBytes = int64_t(384) << 10;  // activation bytes per row chunk at most (stays in L2)
-// decoded-weight mode: smallest batch that uses it (measured: benchmarks/results/cpu_kernel.md),
+// decoded-weight mode: smallest batch that uses it (measured sweep: docs/design.md §4.2),
 // k per decoded block (64 k-pairs x 64 rows of bf16 pairs: 16 KiB, stays in L1), rows per
 // chunk at most (a k-block of their activations and their fp32 sums stay in L2)
 constexpr int64_t kDecodedMinRows = 256;

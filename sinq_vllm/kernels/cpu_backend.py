@@ -16,7 +16,7 @@ output rows, each merged-layer shard padded on its own to a multiple of 64 rows;
   the reference computes (``sinq_vllm.format.codebooks``).
 
 Activations (``SINQ_VLLM_CPU_ACT``, docs/design.md §4.2):
-* ``auto`` (default): ``exact`` below; except that bf16 batches of at least 128 rows
+* ``auto`` (default): ``exact`` below; except that bf16 batches of at least 256 rows
   (prefill, large decode batches) of uniform or NF layers of at most 4 bits run on weights
   decoded to bf16 once per row chunk, ``bf16((V(q) - z) * s)``, with a plain bf16 GEMM
   (AVX-512 only): the numerics of a bf16 linear layer, without the exact path's per-group
